@@ -1,0 +1,205 @@
+"""Provider specs: what ``providers/<name>.yaml`` (or an inline entry in config.yaml) says.
+
+A provider file is data: the auth type, the fields a user fills in, how a credential is
+applied to a request and how to check it. Provider quirks live here, never in code.
+
+Operators enable a provider by naming it under ``providers:`` in config.yaml. The entry's
+values are merged over the catalog file's (mappings merge key by key; anything else is
+replaced), then validated. A provider with no catalog file is defined inline in full.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ApiKeyProvider",
+    "FieldSpec",
+    "ProviderSpec",
+    "builtin_catalog_dir",
+    "find_provider_file",
+    "merge",
+    "parse_provider",
+]
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Model):
+    """One value the user supplies (an API key, an account id, a subdomain)."""
+
+    title: str
+    secret: bool = True
+    required: bool = True
+    pattern: str | None = None
+    example: str | None = None
+    description: str | None = None
+    max_length: int = Field(default=4096, ge=1, le=65536)
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    def matches(self, value: str) -> bool:
+        return self.pattern is None or re.fullmatch(self.pattern, value) is not None
+
+
+class Apply(_Model):
+    """How a credential goes on a request: header and query templates over the fields.
+
+    ``{api_key}`` in a template is replaced by the field ``api_key``.
+    """
+
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
+
+
+class Verify(_Model):
+    """A request that succeeds only with a working credential (checked at connect)."""
+
+    method: Literal["GET", "POST", "HEAD"] = "GET"
+    url: str
+    ok_status: list[int] = [200]
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+
+class Popup(_Model):
+    width: int = Field(default=660, ge=200, le=4000)
+    height: int = Field(default=660, ge=200, le=4000)
+
+
+class ProviderBase(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    display_name: str
+    image: str | None = None
+    docs_url: str | None = None
+    popup: Popup = Popup()
+
+
+class ApiKeyProvider(ProviderBase):
+    """A provider whose credential is one or more values the user pastes."""
+
+    auth_type: Literal["apikey"]
+    fields: dict[str, FieldSpec] = Field(min_length=1)
+    apply: Apply | None = None
+    verify: Verify | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _field_names(cls, value: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+                raise ValueError(f"field name {name!r} must match [a-z][a-z0-9_]*")
+        return value
+
+    @model_validator(mode="after")
+    def _templates_name_fields(self) -> ApiKeyProvider:
+        known = set(self.fields)
+        templates: list[str] = []
+        if self.apply is not None:
+            templates += [*self.apply.headers.values(), *self.apply.query.values()]
+        if self.verify is not None:
+            templates.append(self.verify.url)
+        for template in templates:
+            missing = template_names(template) - known
+            if missing:
+                raise ValueError(
+                    f"template {template!r} names {sorted(missing)} which are not fields"
+                )
+        return self
+
+    def credential_hint(self, data: Mapping[str, str]) -> dict[str, str]:
+        """What may be shown of a stored credential: non-secret fields, and secrets'
+        last 4 characters when they are long enough for that to reveal little."""
+        hint: dict[str, str] = {}
+        for name, spec in self.fields.items():
+            value = data.get(name)
+            if value is None:
+                continue
+            if not spec.secret:
+                hint[name] = value
+            elif len(value) >= 16:
+                hint[name] = "…" + value[-4:]
+            else:
+                hint[name] = "…"
+        return hint
+
+    def apply_to(self, data: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Headers and query parameters that carry the credential ``data``."""
+        if self.apply is None:
+            return {}, {}
+        headers = {k: render(v, data) for k, v in self.apply.headers.items()}
+        query = {k: render(v, data) for k, v in self.apply.query.items()}
+        return headers, query
+
+
+ProviderSpec = ApiKeyProvider
+PROVIDER_TYPES: dict[str, type[ProviderBase]] = {"apikey": ApiKeyProvider}
+
+
+def template_names(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Fill ``{name}`` placeholders; a missing name raises KeyError naming it."""
+    return template.format_map(dict(values))
+
+
+def builtin_catalog_dir() -> Path:
+    """The catalog shipped with the broker (``providers/`` in a checkout)."""
+    here = Path(__file__).resolve().parent
+    bundled = here / "_catalog"
+    return bundled if bundled.is_dir() else here.parent / "providers"
+
+
+def find_provider_file(name: str, search: list[Path]) -> Path | None:
+    for directory in search:
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_file(path: Path) -> Any:
+    with path.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def parse_provider(data: Mapping[str, Any]) -> ProviderBase:
+    """Validate a merged provider definition. Raises ValidationError or ValueError."""
+    auth_type = data.get("auth_type")
+    model = PROVIDER_TYPES.get(str(auth_type))
+    if model is None:
+        known = ", ".join(sorted(PROVIDER_TYPES))
+        raise ValueError(f"auth_type: expected one of {known}, got {auth_type!r}")
+    return model.model_validate(dict(data))
+

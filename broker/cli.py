@@ -1,0 +1,200 @@
+"""The ``broker`` command.
+
+    broker serve [--config PATH] [--host HOST] [--port PORT]
+    broker db upgrade
+    broker keys generate
+    broker keys rotate [--batch-size N]
+    broker providers list
+
+Every command reads config.yaml (``--config``, ``$BROKER_CONFIG``, or ./config.yaml) and
+exits non-zero with the problems listed before it touches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .config import Settings, load_settings
+from .crypto import generate_key
+from .errors import BrokerError, ConfigError
+from .runtime import Broker
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+log = logging.getLogger("broker")
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BROKER_CONFIG",
+    default=None,
+    help="config.yaml to use (default: $BROKER_CONFIG, else ./config.yaml if present).",
+)
+
+
+def _settings(config_path: Path | None) -> Settings:
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        click.echo("broker: configuration is invalid:", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return settings
+
+
+def _run(coro: Awaitable[T]) -> T:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except BrokerError as exc:
+        click.echo(f"broker: {exc}", err=True)
+        sys.exit(1)
+
+
+async def _with_broker(settings: Settings, fn: Callable[[Broker], Awaitable[T]], **kw: Any) -> T:
+    broker = await Broker.open(settings, **kw)
+    try:
+        return await fn(broker)
+    finally:
+        await broker.close()
+
+
+def service_tokens(settings: Settings) -> list[str]:
+    """Configured service tokens, or (SQLite only) the token file beside the database."""
+    tokens = [t.get_secret_value() for t in settings.auth.service_tokens]
+    if tokens:
+        return tokens
+    db = settings.sqlite_path()
+    if db is None:
+        raise ConfigError(["auth.service_tokens: required when the database is not SQLite"])
+    path = db.with_suffix(".token")
+    if path.exists():
+        return [path.read_text().strip()]
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    log.warning(
+        "auth.service_tokens is empty: created a service token in %s (mode 0600); "
+        "send it as `Authorization: Bearer <token>`",
+        path,
+    )
+    return [token]
+
+
+@click.group()
+@click.version_option(package_name="broker")
+def main() -> None:
+    """Keeps API keys and OAuth2 tokens for workflow nodes, encrypted and fresh."""
+
+
+@main.command()
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(config_path: Path | None, host: str, port: int) -> None:
+    """Apply pending migrations and serve the HTTP API."""
+    import uvicorn
+
+    from .web import create_app
+
+    settings = _settings(config_path)
+
+    async def run() -> None:
+        broker = await Broker.open(settings)
+        try:
+            app = create_app(broker, service_tokens=service_tokens(settings))
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    app, host=host, port=port, log_level=settings.log_level,
+                    proxy_headers=False, server_header=False,
+                )
+            )
+            log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)
+            await server.serve()
+        finally:
+            await broker.close()
+
+    _run(run())
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path: Path | None) -> None:
+    """Apply pending migrations."""
+    settings = _settings(config_path)
+
+    async def noop(broker: Broker) -> None:
+        return None
+
+    _run(_with_broker(settings, noop))
+    click.echo("database is up to date")
+
+
+@main.group()
+def keys() -> None:
+    """Encryption keys."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new Fernet key (put it first in encryption_keys to make it primary)."""
+    click.echo(generate_key())
+
+
+@keys.command("rotate")
+@config_option
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
+def keys_rotate(config_path: Path | None, batch_size: int) -> None:
+    """Re-encrypt every stored credential with the first key in encryption_keys."""
+    settings = _settings(config_path)
+
+    async def rotate(broker: Broker) -> Any:
+        def progress(changed: int) -> None:
+            click.echo(f"  re-encrypted {changed} so far", err=True)
+
+        return await broker.rotate_keys(batch_size=batch_size, after_batch=progress)
+
+    result = _run(_with_broker(settings, rotate, migrate=False))
+    click.echo(f"re-encrypted {result.changed} row(s) under key {result.key_id}")
+    if result.corrupt:
+        click.echo(
+            f"broker: {len(result.corrupt)} row(s) did not decrypt and were left as they are "
+            f"(connection ids {result.corrupt[:20]})",
+            err=True,
+        )
+        sys.exit(1)
+
+
+@main.group()
+def providers() -> None:
+    """The provider catalog."""
+
+
+@providers.command("list")
+@config_option
+def providers_list(config_path: Path | None) -> None:
+    """The enabled providers and how each is connected."""
+    settings = _settings(config_path)
+    for name, spec in settings.resolved_providers.items():
+        click.echo(f"{name:20} {spec.display_name:24} {getattr(spec, 'auth_type', '')}")

@@ -1,0 +1,281 @@
+"""config.yaml -> typed, validated settings.
+
+Loading happens once, at start, before the database is touched. Every problem is reported
+as ``<file>: <key.path>: <what was expected>`` in one ``ConfigError``, so an operator fixes
+them all in one pass.
+
+``${VAR}`` anywhere in a string value is replaced from the environment; ``${VAR:-default}``
+gives a default; ``$${`` is a literal ``${``. A missing variable is an error naming the key.
+
+Relative paths (a SQLite file, ``key_file``, ``catalog_paths``, plugin directories) are
+resolved against the directory of the config file, so ``broker serve --config
+/etc/broker/config.yaml`` does not depend on the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .catalog import (
+    NAME_PATTERN,
+    ProviderBase,
+    builtin_catalog_dir,
+    find_provider_file,
+    load_yaml_file,
+    merge,
+    parse_provider,
+)
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_CONFIG_PATH", "Settings", "load_settings"]
+
+DEFAULT_CONFIG_PATH = Path("config.yaml")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AuthSettings(_Model):
+    service_tokens: list[SecretStr] = []
+    """Bearer tokens for the host platform's backend and for remote nodes."""
+
+    @field_validator("service_tokens")
+    @classmethod
+    def _long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for token in value:
+            if len(token.get_secret_value()) < 16:
+                raise ValueError("each service token must be at least 16 characters")
+        return value
+
+
+class RawSettings(_Model):
+    """config.yaml as written (providers not yet resolved against the catalog)."""
+
+    database_url: str = "sqlite+aiosqlite:///broker.db"
+    encryption_keys: list[SecretStr] = []
+    key_file: Path | None = None
+    public_url: str = "http://127.0.0.1:8000"
+    auth: AuthSettings = AuthSettings()
+    providers: dict[str, dict[str, Any] | None] = {}
+    catalog_paths: list[Path] = []
+    plugins: list[str] = []
+    log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from exc
+        if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+            raise ValueError(
+                "expected a sqlite+aiosqlite:/// or postgresql+asyncpg:// URL, "
+                f"got driver {url.drivername!r}"
+            )
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value):
+            raise ValueError("expected an absolute http(s) URL without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"provider name {name!r} must match {NAME_PATTERN}")
+        return value
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugin_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not re.fullmatch(r"[\w.]+:[\w.]+", ref):
+                raise ValueError(f"plugin {ref!r}: expected 'module:attribute'")
+        return value
+
+
+class Settings(RawSettings):
+    """Validated settings with providers resolved to specs."""
+
+    source: Path | None = None
+    resolved_providers: dict[str, ProviderBase] = {}
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source is not None else Path.cwd()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return make_url(self.database_url).drivername.startswith("sqlite")
+
+    def sqlite_path(self) -> Path | None:
+        url = make_url(self.database_url)
+        if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+            return None
+        return Path(url.database)
+
+    def default_key_file(self) -> Path | None:
+        if self.key_file is not None:
+            return self.key_file
+        db = self.sqlite_path()
+        return db.with_suffix(".key") if db is not None else None
+
+
+def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else str(k), env, problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(errors: ValidationError, prefix: str) -> list[str]:
+    lines = []
+    for err in errors.errors(include_url=False, include_input=False):
+        where = _loc(tuple(err["loc"]))
+        if prefix:
+            where = prefix if where == "(top level)" else f"{prefix}.{where}"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def _resolve_path(base: Path, value: Path) -> Path:
+    return value if value.is_absolute() else (base / value)
+
+
+def load_settings(
+    path: Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, interpolate and validate config.yaml, and resolve its providers.
+
+    ``path=None`` means ``./config.yaml`` if it exists, otherwise every default.
+    Raises ConfigError listing every problem found.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+    label = str(path) if path is not None else "(defaults)"
+    data: Any = {}
+    if path is not None:
+        try:
+            data = load_yaml_file(path)
+        except FileNotFoundError:
+            raise ConfigError([f"{label}: file not found"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{label}: not valid YAML: {exc}"]) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError([f"{label}: expected a mapping of settings at the top level"])
+
+    problems: list[str] = []
+    data = _interpolate(data, "", env, problems)
+    if problems:
+        raise ConfigError(f"{label}: {p}" for p in problems)
+    try:
+        raw = RawSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{label}: {line}" for line in _describe(exc, "")) from None
+
+    base = path.resolve().parent if path is not None else Path.cwd()
+    settings = Settings.model_validate(
+        {**raw.model_dump(), "source": path.resolve() if path is not None else None}
+    )
+    settings.database_url = _absolute_sqlite(settings.database_url, base)
+    if settings.key_file is not None:
+        settings.key_file = _resolve_path(base, settings.key_file)
+    settings.catalog_paths = [_resolve_path(base, p) for p in settings.catalog_paths]
+
+    search = [*settings.catalog_paths, builtin_catalog_dir()]
+    resolved: dict[str, ProviderBase] = {}
+    for name, override in raw.providers.items():
+        where = f"providers.{name}"
+        catalog_file = find_provider_file(name, search)
+        base_def: dict[str, Any] = {}
+        if catalog_file is not None:
+            try:
+                loaded = load_yaml_file(catalog_file)
+            except yaml.YAMLError as exc:
+                problems.append(f"{catalog_file}: not valid YAML: {exc}")
+                continue
+            if not isinstance(loaded, dict):
+                problems.append(f"{catalog_file}: expected a mapping")
+                continue
+            base_def = loaded
+        elif not override or "auth_type" not in override:
+            problems.append(
+                f"{label}: {where}: unknown provider: no {name}.yaml in the catalog "
+                f"({', '.join(str(d) for d in search)}) and no inline definition with auth_type"
+            )
+            continue
+        for forbidden in ("client_id", "client_secret"):
+            if forbidden in base_def:
+                problems.append(f"{catalog_file}: {forbidden}: belongs in config.yaml, not here")
+        merged = merge({"name": name, **base_def}, override or {})
+        merged["name"] = name
+        origin = f"{label}: {where}" + (f" (over {catalog_file})" if catalog_file else "")
+        try:
+            resolved[name] = parse_provider(merged)
+        except ValidationError as exc:
+            problems += [f"{origin}.{line}" for line in _describe(exc, "")]
+        except ValueError as exc:
+            problems.append(f"{origin}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    settings.resolved_providers = resolved
+    return settings
+
+
+def _absolute_sqlite(url_text: str, base: Path) -> str:
+    url = make_url(url_text)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return url_text
+    db = Path(url.database)
+    if db.is_absolute():
+        return url_text
+    return url.set(database=str(base / db)).render_as_string(hide_password=False)

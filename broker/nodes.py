@@ -1,0 +1,160 @@
+"""Nodes and the context they run in.
+
+    class WeatherNode(BaseNode[WeatherConfig]):
+        integrations = ["openweathermap"]
+
+        async def call(self, ctx: ExecutionContext, city: str) -> dict:
+            api_key = (await ctx.custom_integration("openweathermap"))["api_key"]
+
+``ExecutionContext`` works the same in the broker's process (it reads the store directly)
+and on another machine (it calls the credentials route with a service token):
+
+    ctx = ExecutionContext.local(broker, group)
+    ctx = ExecutionContext.remote("https://broker.internal", token, group)
+
+``node.run(ctx, ...)`` checks that every integration in ``integrations`` is connected for
+the group and raises ``IntegrationNotConnected`` naming the missing ones before ``call``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from .errors import HTTPError, IntegrationNotConnected, ServiceUnavailable, error_class
+
+if TYPE_CHECKING:
+    from .runtime import Broker
+
+__all__ = ["BaseNode", "CredentialSource", "ExecutionContext", "RemoteSource"]
+
+ConfigT = TypeVar("ConfigT")
+
+
+class CredentialSource(Protocol):
+    async def credentials(
+        self, group_id: str, name: str, *, force_refresh: bool = False
+    ) -> dict[str, Any]: ...
+
+    async def missing(self, group_id: str, names: list[str]) -> list[str]: ...
+
+
+class LocalSource:
+    """Reads the store of a broker in this process."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def credentials(
+        self, group_id: str, name: str, *, force_refresh: bool = False
+    ) -> dict[str, Any]:
+        return await self.broker.credentials(group_id, name)
+
+    async def missing(self, group_id: str, names: list[str]) -> list[str]:
+        return await self.broker.missing(group_id, names)
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        raise ServiceUnavailable(f"broker answered HTTP {response.status_code}") from None
+    if code == IntegrationNotConnected.code:
+        raise IntegrationNotConnected(error.get("missing") or [], None)
+    cls = error_class(code)
+    exc = cls.__new__(cls)
+    HTTPError.__init__(exc, message, field=error.get("field"))
+    raise exc
+
+
+class RemoteSource:
+    """Calls a broker over HTTP with a service token."""
+
+    def __init__(
+        self, base_url: str, token: str, *, client: httpx.AsyncClient | None = None
+    ) -> None:
+        self._client = client or httpx.AsyncClient(timeout=30.0)
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        try:
+            response = await self._client.get(
+                self._base + path, headers=self._headers, params=params
+            )
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(
+                f"cannot reach the broker at {self._base} ({type(exc).__name__})"
+            ) from exc
+        _raise_for(response)
+        return response.json()
+
+    async def credentials(
+        self, group_id: str, name: str, *, force_refresh: bool = False
+    ) -> dict[str, Any]:
+        params = {"force_refresh": "true"} if force_refresh else None
+        body = await self._get(
+            f"/groups/{quote(group_id, safe='')}/integrations/{quote(name, safe='')}/credentials",
+            params,
+        )
+        credentials: dict[str, Any] = body["credentials"]
+        return credentials
+
+    async def missing(self, group_id: str, names: list[str]) -> list[str]:
+        body = await self._get(f"/groups/{quote(group_id, safe='')}/integrations")
+        connected = {i["name"] for i in body["integrations"] if i["status"] == "connected"}
+        return [n for n in names if n not in connected]
+
+
+class ExecutionContext:
+    """What a node gets when it runs: its group, and credentials for it."""
+
+    def __init__(self, group: Any, source: CredentialSource) -> None:
+        self.group = group
+        self.group_id = str(getattr(group, "id", group))
+        self.source = source
+
+    @classmethod
+    def local(cls, broker: Broker, group: Any) -> ExecutionContext:
+        return cls(group, LocalSource(broker))
+
+    @classmethod
+    def remote(
+        cls, base_url: str, token: str, group: Any, *, client: httpx.AsyncClient | None = None
+    ) -> ExecutionContext:
+        return cls(group, RemoteSource(base_url, token, client=client))
+
+    async def custom_integration(self, name: str, *, force_refresh: bool = False) -> dict[str, Any]:
+        """The credential dict for integration ``name`` of this context's group.
+
+        Raises IntegrationNotConnected when the group has not connected it.
+        """
+        return await self.source.credentials(self.group_id, name, force_refresh=force_refresh)
+
+
+class BaseNode(Generic[ConfigT]):
+    """A unit of work. ``integrations`` names what it needs connected before it runs."""
+
+    integrations: ClassVar[list[str]] = []
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    async def run(self, ctx: ExecutionContext, *args: Any, **kwargs: Any) -> Any:
+        """Check the node's integrations, then ``call`` it."""
+        if self.integrations:
+            missing = await ctx.source.missing(ctx.group_id, list(self.integrations))
+            if missing:
+                raise IntegrationNotConnected(missing, ctx.group_id)
+        return await self.call(ctx, *args, **kwargs)
+
+    async def call(self, ctx: ExecutionContext, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.call")

@@ -1,0 +1,196 @@
+"""The running broker: settings, keys, database, registry, in one object.
+
+``Broker.open(settings)`` is the only way in. It checks the keys against the stored data
+*before* it migrates or writes anything, so a wrong key changes nothing:
+
+1. ``encryption_keys`` from config; when empty and the store is a SQLite file, the key file
+   beside it (``broker.db`` -> ``broker.key``), created with mode 0600 only when the
+   database holds no data yet. PostgreSQL always needs configured keys.
+2. Every stored row's key id must belong to a configured key, or the broker refuses to start
+   and says how many rows are sealed under which unknown key.
+3. Pending migrations are applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .config import Settings
+from .crypto import Keyring, load_or_create_key_file, parse_key
+from .errors import EncryptionKeyError, IntegrationNotConnected
+from .integrations import Registry, default_registry
+from .plugins import load_plugins
+from .providers import integration_for
+from .store import Database, Repository
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("broker")
+
+
+class Broker:
+    _current: ClassVar[Broker | None] = None
+
+    def __init__(
+        self, settings: Settings, keyring: Keyring, database: Database, registry: Registry,
+        nodes: list[type[Any]],
+    ) -> None:
+        self.settings = settings
+        self.keyring = keyring
+        self.database = database
+        self.registry = registry
+        self.nodes = nodes
+        self.repository = Repository(keyring)
+        database.info["broker"] = self
+
+    @classmethod
+    def current(cls) -> Broker | None:
+        """The broker most recently opened in this process (for sessions it did not make)."""
+        return cls._current
+
+    @classmethod
+    async def open(cls, settings: Settings, *, migrate: bool = True) -> Broker:
+        """Check keys, apply migrations, load providers and plugins. See the module doc."""
+        registry = Registry()
+        for name, spec in settings.resolved_providers.items():
+            registry.add(integration_for(spec), source=f"providers.{name} in config")
+        nodes: list[type[Any]] = []
+        for plugin_integrations, plugin_nodes, source in load_plugins(
+            settings.plugins, base_dir=settings.base_dir
+        ):
+            registry.extend(plugin_integrations, source=source)
+            nodes.extend(plugin_nodes)
+        for integration in default_registry:
+            if integration.key not in registry:
+                registry.add(integration, source="register_integration")
+
+        database = Database(settings.database_url)
+        try:
+            keyring = await _keyring(settings, database)
+            if migrate:
+                applied = await database.upgrade()
+                if applied:
+                    log.info("database migrated: applied %s", ", ".join(applied))
+            else:
+                pending = await database.pending_migrations()
+                if pending:
+                    raise EncryptionKeyError(
+                        f"database needs migrations {pending}: run `broker db upgrade`"
+                    )
+        except BaseException:
+            await database.dispose()
+            raise
+        broker = cls(settings, keyring, database, registry, nodes)
+        Broker._current = broker
+        return broker
+
+    async def close(self) -> None:
+        await self.database.dispose()
+        if Broker._current is self:
+            Broker._current = None
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session on the broker's database; the integration API accepts it as ``db``."""
+        async with self.database.session() as session:
+            yield session
+
+    async def credentials(self, group_id: str, name: str) -> dict[str, Any]:
+        """The decrypted credential for one connection.
+
+        Raises UnknownIntegration, IntegrationNotConnected or CredentialCorrupt.
+        """
+        integration = self.registry.get(name)
+        async with self.session() as db:
+            found = await self.repository.get(db, group_id, integration.key)
+        if found is None:
+            raise IntegrationNotConnected([integration.key], group_id)
+        return found.data
+
+    async def missing(self, group_id: str, names: list[str]) -> list[str]:
+        """Which of ``names`` are not connected for ``group_id``."""
+        missing = []
+        async with self.session() as db:
+            for name in names:
+                integration = self.registry.get(name)
+                status = await integration.get_status(db, _GroupRef(group_id))
+                if status is not True and status != "connected":
+                    missing.append(name)
+        return missing
+
+
+    async def rotate_keys(
+        self, *, batch_size: int = 500, after_batch: Callable[[int], None] | None = None
+    ) -> RotationResult:
+        """Re-encrypt every row under the primary key, one committed batch at a time.
+
+        Resumable: a crash loses at most the batch in flight, and a rerun skips the rows
+        already under the primary key.
+        """
+        result = RotationResult(key_id=self.keyring.primary_key_id)
+        after_id = 0
+        while True:
+            async with self.session() as db, db.begin():
+                batch = await self.repository.rotate_batch(
+                    db, after_id=after_id, batch_size=batch_size
+                )
+            if batch.examined == 0:
+                return result
+            after_id = batch.last_id
+            result.changed += batch.changed
+            result.corrupt += batch.corrupt
+            if after_batch is not None:
+                after_batch(result.changed)
+
+
+@dataclass
+class RotationResult:
+    key_id: str
+    changed: int = 0
+    corrupt: list[int] = field(default_factory=list)
+
+
+class _GroupRef:
+    __slots__ = ("id",)
+
+    def __init__(self, group_id: str) -> None:
+        self.id = group_id
+
+
+async def _keyring(settings: Settings, database: Database) -> Keyring:
+    keys = [
+        parse_key(k.get_secret_value(), where=f"encryption_keys[{i}]")
+        for i, k in enumerate(settings.encryption_keys)
+    ]
+    stored = await database.stored_key_ids()
+    if not keys:
+        key_file = settings.default_key_file()
+        if key_file is None:
+            raise EncryptionKeyError(
+                "encryption_keys is empty: set at least one key (`broker keys generate`) "
+                "when the database is not a local SQLite file"
+            )
+        key, created = load_or_create_key_file(key_file, may_create=not stored)
+        if created:
+            log.warning(
+                "created a new encryption key in %s (mode 0600): back it up; "
+                "without it the stored credentials cannot be read",
+                key_file,
+            )
+        keys = [key]
+    keyring = Keyring(keys)
+    unknown = keyring.can_open(list(stored))
+    if unknown:
+        rows = sum(stored[k] for k in unknown)
+        raise EncryptionKeyError(
+            f"{rows} stored credential(s) are encrypted under key id(s) {', '.join(unknown)}, "
+            f"and no configured key has that id (configured: {', '.join(keyring.key_ids)}). "
+            "Add the key they were written with to encryption_keys. Nothing was changed."
+        )
+    return keyring

@@ -1,0 +1,112 @@
+"""Engine, sessions and migrations.
+
+SQLite is the embedded default (WAL, a busy timeout, one writer at a time); PostgreSQL
+(asyncpg) is for production and for several replicas. Migrations are Alembic's, run on the
+broker's own connection; on PostgreSQL an advisory lock makes replicas that start together
+take turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, func, inspect, select, text
+from sqlalchemy.engine import Connection as SyncConnection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from .models import Connection
+
+__all__ = ["Database"]
+
+_MIGRATION_LOCK = 0x62726F6B  # "brok"
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    return cfg
+
+
+class Database:
+    """The engine and the session factory. ``info`` is attached to every session."""
+
+    def __init__(self, url: str, *, info: dict[str, Any] | None = None, echo: bool = False):
+        self.url = url
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30}
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        # Shared with every session: how the integration API finds its broker from ``db``.
+        self.info: dict[str, Any] = dict(info or {})
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, info=self.info)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session:
+            yield session
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    async def upgrade(self) -> list[str]:
+        """Apply pending migrations; return the revisions applied."""
+        async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+            return await conn.run_sync(_upgrade)
+
+    async def pending_migrations(self) -> list[str]:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(_pending)
+
+    async def has_tables(self) -> bool:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda c: inspect(c).has_table("connections"))
+
+    async def stored_key_ids(self) -> dict[str, int]:
+        """How many rows are sealed under each key id (empty when no table yet)."""
+        if not await self.has_tables():
+            return {}
+        async with self.session() as db:
+            rows = await db.execute(
+                select(Connection.key_id, func.count()).group_by(Connection.key_id)
+            )
+            return {key: count for key, count in rows.tuples()}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _current(conn: SyncConnection) -> set[str]:
+    return set(MigrationContext.configure(conn).get_current_heads())
+
+
+def _pending(conn: SyncConnection) -> list[str]:
+    script = ScriptDirectory.from_config(_alembic_config())
+    current = _current(conn)
+    lower = next(iter(current)) if current else "base"
+    pending = [r.revision for r in script.iterate_revisions("heads", lower)]
+    return [r for r in reversed(pending) if r not in current]
+
+
+def _upgrade(conn: SyncConnection) -> list[str]:
+    before = _pending(conn)
+    cfg = _alembic_config()
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+    return before

@@ -1,0 +1,211 @@
+"""The one place that encrypts and decrypts credentials.
+
+Everything above this module sees plaintext dicts; everything below sees Fernet tokens.
+Methods take the caller's ``AsyncSession`` and never commit: the caller owns the
+transaction, so a route that fails halfway leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ..crypto import Keyring
+from ..errors import CredentialCorrupt
+from .models import Connection
+
+__all__ = ["ConnectionInfo", "Credential", "Repository", "RotationBatch", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """A connection without its secret: safe to show and to log."""
+
+    group_id: str
+    integration: str
+    auth_type: str
+    status: str
+    version: int
+    hint: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
+    last_error: str | None = None
+
+    @classmethod
+    def of(cls, row: Connection) -> ConnectionInfo:
+        return cls(
+            group_id=row.group_id,
+            integration=row.integration,
+            auth_type=row.auth_type,
+            status=row.status,
+            version=row.version,
+            hint=dict(row.hint or {}),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            expires_at=row.expires_at,
+            last_error=row.last_error,
+        )
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A decrypted credential and the row version it came from."""
+
+    info: ConnectionInfo
+    data: dict[str, Any] = field(repr=False)
+
+
+class Repository:
+    def __init__(self, keyring: Keyring, clock: Callable[[], datetime] = utcnow) -> None:
+        self.keyring = keyring
+        self.clock = clock
+
+    async def put(
+        self,
+        db: AsyncSession,
+        group_id: str,
+        integration: str,
+        data: dict[str, Any],
+        *,
+        auth_type: str,
+        hint: dict[str, Any] | None = None,
+        expires_at: datetime | None = None,
+        next_refresh_at: datetime | None = None,
+    ) -> ConnectionInfo:
+        """Store (or replace, atomically) the credential of one connection."""
+        sealed = self.keyring.seal(group_id, integration, data)
+        now = self.clock()
+        values: dict[str, Any] = {
+            "auth_type": auth_type,
+            "status": "connected",
+            "credential": sealed.token,
+            "key_id": sealed.key_id,
+            "hint": hint or {},
+            "updated_at": now,
+            "expires_at": expires_at,
+            "next_refresh_at": next_refresh_at,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "failure_count": 0,
+            "last_error": None,
+        }
+        dialect = db.bind.dialect.name if db.bind is not None else "sqlite"
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = insert(Connection).values(
+            group_id=group_id, integration=integration, created_at=now, version=1, **values
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Connection.group_id, Connection.integration],
+            set_={**values, "version": Connection.version + 1},
+        ).returning(Connection)
+        row = (await db.execute(stmt)).scalar_one()
+        return ConnectionInfo.of(row)
+
+    async def get(self, db: AsyncSession, group_id: str, integration: str) -> Credential | None:
+        """The decrypted credential, or None when there is no such connection.
+
+        Raises CredentialCorrupt when the stored ciphertext does not open for this row.
+        """
+        row = await self._row(db, group_id, integration)
+        if row is None:
+            return None
+        data = self.keyring.open(group_id, integration, row.credential)
+        return Credential(info=ConnectionInfo.of(row), data=data)
+
+    async def info(
+        self, db: AsyncSession, group_id: str, integration: str
+    ) -> ConnectionInfo | None:
+        row = await self._row(db, group_id, integration)
+        return None if row is None else ConnectionInfo.of(row)
+
+    async def exists(self, db: AsyncSession, group_id: str, integration: str) -> bool:
+        found = await db.scalar(
+            select(Connection.id).where(
+                Connection.group_id == group_id, Connection.integration == integration
+            )
+        )
+        return found is not None
+
+    async def list(self, db: AsyncSession, group_id: str) -> list[ConnectionInfo]:
+        rows = await db.scalars(
+            select(Connection).where(Connection.group_id == group_id).order_by(
+                Connection.integration
+            )
+        )
+        return [ConnectionInfo.of(r) for r in rows]
+
+    async def delete(self, db: AsyncSession, group_id: str, integration: str) -> bool:
+        """Remove a connection; True when there was one."""
+        result = await db.execute(
+            delete(Connection)
+            .where(Connection.group_id == group_id, Connection.integration == integration)
+            .returning(Connection.id)
+        )
+        return result.first() is not None
+
+    async def _row(self, db: AsyncSession, group_id: str, integration: str) -> Connection | None:
+        row: Connection | None = await db.scalar(
+            select(Connection)
+            .where(Connection.group_id == group_id, Connection.integration == integration)
+            .execution_options(populate_existing=True)
+        )
+        return row
+
+    # --- key rotation -------------------------------------------------------------------
+
+    async def rotate_batch(
+        self, db: AsyncSession, *, after_id: int, batch_size: int
+    ) -> RotationBatch:
+        """Re-encrypt up to ``batch_size`` rows past ``after_id`` not yet under the primary key.
+
+        Rows already under the primary key are skipped by the query, so a rotation that was
+        interrupted resumes where it stopped. A row is written back only if its version is
+        unchanged since it was read: a refresh landing meanwhile is never overwritten (it
+        was sealed under the primary key anyway). Rows that do not decrypt are counted and
+        left as they are.
+        """
+        primary = self.keyring.primary_key_id
+        rows: Sequence[Any] = (
+            await db.execute(
+                select(Connection.id, Connection.credential, Connection.version)
+                .where(Connection.key_id != primary, Connection.id > after_id)
+                .order_by(Connection.id)
+                .limit(batch_size)
+            )
+        ).all()
+        batch = RotationBatch(last_id=after_id)
+        for row_id, token, version in rows:
+            batch.last_id = row_id
+            batch.examined += 1
+            try:
+                sealed = self.keyring.rotate(token)
+            except CredentialCorrupt:
+                batch.corrupt.append(row_id)
+                continue
+            result = await db.execute(
+                update(Connection)
+                .where(Connection.id == row_id, Connection.version == version)
+                .values(credential=sealed.token, key_id=sealed.key_id)
+                .returning(Connection.id)
+            )
+            batch.changed += result.first() is not None
+        return batch
+
+
+@dataclass
+class RotationBatch:
+    last_id: int
+    examined: int = 0
+    changed: int = 0
+    corrupt: list[int] = field(default_factory=list)
