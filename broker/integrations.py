@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -65,7 +65,7 @@ class Group:
     id: str
 
 
-class AuthType(str, Enum):
+class AuthType(StrEnum):
     apikey = "apikey"
     oauth2 = "oauth2"
     oauth2_cc = "oauth2_cc"

@@ -105,11 +105,11 @@ class Repository:
         stmt = insert(Connection).values(
             group_id=group_id, integration=integration, created_at=now, version=1, **values
         )
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=[Connection.group_id, Connection.integration],
             set_={**values, "version": Connection.version + 1},
         ).returning(Connection)
-        row = (await db.execute(stmt)).scalar_one()
+        row = (await db.execute(upsert)).scalar_one()
         return ConnectionInfo.of(row)
 
     async def get(self, db: AsyncSession, group_id: str, integration: str) -> Credential | None:
