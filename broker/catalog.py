@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
     "ApiKeyProvider",
     "FieldSpec",
+    "OAuth2ClientCredentialsProvider",
+    "OAuth2Provider",
     "ProviderSpec",
     "builtin_catalog_dir",
     "find_provider_file",
@@ -150,8 +152,103 @@ class ApiKeyProvider(ProviderBase):
         return headers, query
 
 
-ProviderSpec = ApiKeyProvider
-PROVIDER_TYPES: dict[str, type[ProviderBase]] = {"apikey": ApiKeyProvider}
+class _TokenEndpoint(_Model):
+    """How the broker talks to a token endpoint (shared by the OAuth2 auth types)."""
+
+    token_url: str
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
+        "client_secret_basic"
+    )
+    token_request_format: Literal["form", "json"] = "form"
+    token_params: dict[str, str] = {}
+    default_scopes: list[str] = []
+    scopes: list[str] = []
+    """Per-deployment scopes, requested in addition to ``default_scopes``."""
+    scope_separator: str = " "
+    token_path: str | None = None
+    """Dotted path to the object holding the token when it is nested (Slack: authed_user)."""
+    extra_fields: dict[str, str] = {}
+    """Values kept from the token response for nodes: ``{name: dotted.path}``."""
+    default_lifetime_seconds: int = Field(default=3600, ge=5, le=90 * 86400)
+    """Lifetime assumed when a token response has no usable ``expires_in``."""
+    timeout_seconds: float = Field(default=15.0, gt=0, le=120)
+
+    def scope_string(self, extra: list[str] | None = None) -> str | None:
+        wanted = list(dict.fromkeys([*self.default_scopes, *self.scopes, *(extra or [])]))
+        return self.scope_separator.join(wanted) if wanted else None
+
+
+class OAuth2Provider(ProviderBase, _TokenEndpoint):
+    """Authorization code flow (with PKCE S256 unless ``pkce: false``)."""
+
+    auth_type: Literal["oauth2"]
+    authorization_url: str
+    refresh_url: str | None = None
+    revocation_url: str | None = None
+    issuer: str | None = None
+    """Expected ``iss`` in the callback (RFC 9207): a different one is always refused."""
+    issuer_in_response: bool = False
+    """The provider always sends ``iss`` (its metadata says
+    ``authorization_response_iss_parameter_supported``): a missing one is refused."""
+    authorization_params: dict[str, str] = {}
+    refresh_params: dict[str, str] = {}
+    pkce: bool = True
+    settings: dict[str, FieldSpec] = {}
+    """Per-connection values the user supplies before the popup (e.g. a subdomain);
+    usable as ``{name}`` in the URLs. They are not secret."""
+    client_id: SecretStr | None = None
+    client_secret: SecretStr | None = None
+    refresh_token_idle_refresh_days: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> OAuth2Provider:
+        if self.client_id is None:
+            raise ValueError(
+                "client_id: required for an oauth2 provider; set it in config.yaml "
+                "(e.g. client_id: ${MY_CLIENT_ID})"
+            )
+        known = set(self.settings)
+        for url in self.urls():
+            missing = template_names(url) - known
+            if missing:
+                raise ValueError(
+                    f"URL {url!r} names {sorted(missing)}, which are not declared under settings"
+                )
+        return self
+
+    def urls(self) -> list[str]:
+        return [
+            u
+            for u in (self.authorization_url, self.token_url, self.refresh_url, self.revocation_url)
+            if u
+        ]
+
+
+class OAuth2ClientCredentialsProvider(ProviderBase, _TokenEndpoint):
+    """Client credentials: the user submits a client id and secret; the broker gets tokens."""
+
+    auth_type: Literal["oauth2_cc"]
+    audience: bool = False
+    """Whether users may give an ``audience`` (Auth0-style APIs)."""
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        fields = {
+            "client_id": FieldSpec(title="Client ID", secret=False),
+            "client_secret": FieldSpec(title="Client secret", secret=True),
+            "scopes": FieldSpec(title="Scopes", secret=False, required=False),
+        }
+        if self.audience:
+            fields["audience"] = FieldSpec(title="Audience", secret=False, required=False)
+        return fields
+
+
+ProviderSpec = ApiKeyProvider | OAuth2Provider | OAuth2ClientCredentialsProvider
+PROVIDER_TYPES: dict[str, type[ProviderBase]] = {
+    "apikey": ApiKeyProvider,
+    "oauth2": OAuth2Provider,
+    "oauth2_cc": OAuth2ClientCredentialsProvider,
+}
 
 
 def template_names(template: str) -> set[str]:

@@ -19,7 +19,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -43,14 +43,18 @@ config_option = click.option(
 )
 
 
+def _config_invalid(exc: ConfigError) -> NoReturn:
+    click.echo("broker: configuration is invalid:", err=True)
+    for problem in exc.problems:
+        click.echo(f"  {problem}", err=True)
+    sys.exit(2)
+
+
 def _settings(config_path: Path | None) -> Settings:
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
-        click.echo("broker: configuration is invalid:", err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-        sys.exit(2)
+        _config_invalid(exc)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -114,6 +118,12 @@ def serve(config_path: Path | None, host: str, port: int) -> None:
     from .web import create_app
 
     settings = _settings(config_path)
+    if not settings.auth.service_tokens and settings.sqlite_path() is None:
+        # Checked before Broker.open, which connects to and migrates the database.
+        _config_invalid(ConfigError([
+            f"{settings.source or '(defaults)'}: auth.service_tokens: at least one token "
+            "is required when the database is not a SQLite file"
+        ]))
 
     async def run() -> None:
         broker = await Broker.open(settings)

@@ -18,10 +18,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -46,17 +54,35 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AuthSettings(_Model):
-    service_tokens: list[SecretStr] = []
-    """Bearer tokens for the host platform's backend and for remote nodes."""
+def _long_enough(token: SecretStr) -> SecretStr:
+    if len(token.get_secret_value()) < 16:
+        raise ValueError("a service token must be at least 16 characters")
+    return token
 
-    @field_validator("service_tokens")
+
+class AuthSettings(_Model):
+    service_tokens: list[Annotated[SecretStr, AfterValidator(_long_enough)]] = []
+    """Bearer tokens for the host platform's backend and for remote nodes."""
+    allowed_origins: list[str] = []
+    """Origins of host frontends that may embed the connect page and receive its events."""
+    connect_session_ttl_seconds: int = Field(default=1800, ge=60, le=86400)
+
+    @field_validator("allowed_origins")
     @classmethod
-    def _long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
-        for token in value:
-            if len(token.get_secret_value()) < 16:
-                raise ValueError("each service token must be at least 16 characters")
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: expected scheme://host[:port], no path"
+                )
         return value
+
+
+class RefreshSettings(_Model):
+    min_validity_seconds: int = Field(default=60, ge=0, le=3600)
+    """A token handed out is valid for at least this long (refreshed first if not)."""
+    interval_seconds: float = Field(default=30.0, ge=1, le=3600)
+    max_concurrency: int = Field(default=10, ge=1, le=1000)
 
 
 class RawSettings(_Model):
@@ -67,6 +93,7 @@ class RawSettings(_Model):
     key_file: Path | None = None
     public_url: str = "http://127.0.0.1:8000"
     auth: AuthSettings = AuthSettings()
+    refresh: RefreshSettings = RefreshSettings()
     providers: dict[str, dict[str, Any] | None] = {}
     catalog_paths: list[Path] = []
     plugins: list[str] = []
@@ -130,6 +157,16 @@ class Settings(RawSettings):
             return None
         return Path(url.database)
 
+    @property
+    def public_origin(self) -> str:
+        scheme, _, rest = self.public_url.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}"
+
+    @property
+    def redirect_uri(self) -> str:
+        """The OAuth2 redirect URI to register with every provider."""
+        return f"{self.public_url}/oauth/callback"
+
     def default_key_file(self) -> Path | None:
         if self.key_file is not None:
             return self.key_file
@@ -144,7 +181,7 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[s
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
-            if name in env:
+            if name in env and (env[name] or default is None):
                 return env[name]
             if default is not None:
                 return default
@@ -206,6 +243,10 @@ def load_settings(
             data = load_yaml_file(path)
         except FileNotFoundError:
             raise ConfigError([f"{label}: file not found"]) from None
+        except OSError as exc:
+            raise ConfigError([f"{label}: cannot be read: {exc.strerror or exc}"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{label}: not UTF-8 text: {exc.reason}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{label}: not valid YAML: {exc}"]) from None
         if data is None:
@@ -243,6 +284,9 @@ def load_settings(
             except yaml.YAMLError as exc:
                 problems.append(f"{catalog_file}: not valid YAML: {exc}")
                 continue
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(f"{catalog_file}: cannot be read: {exc}")
+                continue
             if not isinstance(loaded, dict):
                 problems.append(f"{catalog_file}: expected a mapping")
                 continue
@@ -258,13 +302,13 @@ def load_settings(
                 problems.append(f"{catalog_file}: {forbidden}: belongs in config.yaml, not here")
         merged = merge({"name": name, **base_def}, override or {})
         merged["name"] = name
-        origin = f"{label}: {where}" + (f" (over {catalog_file})" if catalog_file else "")
+        over = f" (merged over {catalog_file})" if catalog_file else ""
         try:
             resolved[name] = parse_provider(merged)
         except ValidationError as exc:
-            problems += [f"{origin}.{line}" for line in _describe(exc, "")]
+            problems += [f"{label}: {line}{over}" for line in _describe(exc, where)]
         except ValueError as exc:
-            problems.append(f"{origin}: {exc}")
+            problems.append(f"{label}: {where}: {exc}{over}")
     if problems:
         raise ConfigError(problems)
     settings.resolved_providers = resolved

@@ -4,12 +4,15 @@
     ├── ConfigError                  config.yaml is wrong; raised before anything starts
     ├── EncryptionKeyError           missing, malformed or wrong encryption key
     ├── PluginError                  a plugin cannot be loaded or registers a clash
+    ├── TokenEndpointError           a token request failed (status, RFC error, outcome)
     └── HTTPError                    anything a route turns into a JSON error response
         ├── Unauthorized             401 unauthorized
         ├── Forbidden                403 forbidden
         ├── NotFound                 404 not_found
         │   ├── UnknownIntegration   404 unknown_integration
         │   └── IntegrationNotConnected   404 integration_not_connected
+        ├── IntegrationNeedsReauth   409 integration_needs_reauth
+        ├── IntegrationUnavailable   503 integration_unavailable
         ├── PayloadTooLarge          413 payload_too_large
         ├── InvalidInput             422 invalid_input (names the field at fault)
         ├── CredentialRejected       422 credential_rejected (the provider said no)
@@ -35,13 +38,16 @@ __all__ = [
     "EncryptionKeyError",
     "Forbidden",
     "HTTPError",
+    "IntegrationNeedsReauth",
     "IntegrationNotConnected",
+    "IntegrationUnavailable",
     "InvalidInput",
     "NotFound",
     "PayloadTooLarge",
     "PluginError",
     "ProviderUnreachable",
     "ServiceUnavailable",
+    "TokenEndpointError",
     "Unauthorized",
     "UnknownIntegration",
 ]
@@ -64,6 +70,28 @@ class ConfigError(BrokerError):
 
 class EncryptionKeyError(BrokerError):
     """The encryption keys cannot be used with the data that is stored."""
+
+
+class TokenEndpointError(BrokerError):
+    """A token request failed. ``outcome`` says what it means (see oauth.decisions).
+
+    Carries the HTTP status, the RFC 6749 error code and Retry-After; never a body.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str | None,
+        status: int | None,
+        retry_after: float | None,
+        outcome: str,
+    ) -> None:
+        super().__init__(message)
+        self.error = error
+        self.status = status
+        self.retry_after = retry_after
+        self.outcome = outcome
 
 
 class PluginError(BrokerError):
@@ -125,6 +153,34 @@ class IntegrationNotConnected(NotFound):
         super().__init__(
             f"Integration{plural} not connected{where}: {names}. Connect it and try again.",
             missing=self.missing,
+        )
+
+
+class IntegrationNeedsReauth(HTTPError):
+    """The provider revoked the grant or it expired: the user must connect again."""
+
+    status_code = 409
+    code = "integration_needs_reauth"
+
+    def __init__(self, name: str, display_name: str | None = None) -> None:
+        super().__init__(
+            f"{display_name or name} needs to be connected again: the provider no longer "
+            "accepts the stored authorization. Reconnect it and try again.",
+            integration=name,
+        )
+
+
+class IntegrationUnavailable(HTTPError):
+    """No valid token can be had right now (the provider is failing); try later."""
+
+    status_code = 503
+    code = "integration_unavailable"
+
+    def __init__(self, name: str, display_name: str | None = None) -> None:
+        super().__init__(
+            f"{display_name or name} is unavailable: its token expired and the provider "
+            "could not issue a new one. Try again shortly.",
+            integration=name,
         )
 
 

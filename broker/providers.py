@@ -14,22 +14,35 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
-from .catalog import ApiKeyProvider, ProviderBase, render
-from .errors import CredentialRejected, InvalidInput, ProviderUnreachable
+from .catalog import (
+    ApiKeyProvider,
+    OAuth2ClientCredentialsProvider,
+    OAuth2Provider,
+    ProviderBase,
+    ProviderSpec,
+    render,
+)
+from .credentials import expiry
+from .errors import CredentialRejected, InvalidInput, ProviderUnreachable, TokenEndpointError
 from .integrations import (
     AuthType,
+    Complete,
     Integration,
     NestedOauthConfig,
     OauthConfig,
     disconnect_custom_integration,
-    has_custom_integration,
     register_custom_integration,
 )
+from .oauth import client
+from .oauth.decisions import Outcome
+from .oauth.tokens import stored_token
 
 __all__ = ["check_fields", "integration_for", "verify_credential"]
 
 
-def check_fields(spec: ApiKeyProvider, body: Mapping[str, Any]) -> dict[str, str]:
+def check_fields(
+    spec: ApiKeyProvider | OAuth2ClientCredentialsProvider, body: Mapping[str, Any]
+) -> dict[str, str]:
     """The credential in ``body`` if it fits the spec's fields; else InvalidInput.
 
     The error names the first field at fault in ``field`` and lists every problem in
@@ -77,11 +90,13 @@ async def verify_credential(
     if spec.verify is None:
         return
     headers, params = spec.apply_to(data)
-    url = render(spec.verify.url, data)
+    # Add the credential's query parameters to the verify URL's own (httpx's params=
+    # would replace them).
+    url = httpx.URL(render(spec.verify.url, data)).copy_merge_params(params)
     owned = client is None
     http = client or httpx.AsyncClient(timeout=spec.verify.timeout_seconds)
     try:
-        response = await http.request(spec.verify.method, url, headers=headers, params=params)
+        response = await http.request(spec.verify.method, url, headers=headers)
     except httpx.HTTPError as exc:
         raise ProviderUnreachable(
             f"Could not reach {spec.display_name} to check the credential "
@@ -118,8 +133,18 @@ def _apikey_integration(spec: ApiKeyProvider) -> Integration:
             db, group, name, data, hint=spec.credential_hint(data)
         )
 
-    async def status(db: AsyncSession, group: Any) -> bool:
-        return await has_custom_integration(db, group, name)
+    return _integration(spec, complete)
+
+
+def _integration(
+    spec: ProviderSpec, complete: Complete, *, trigger: str | None = None
+) -> Integration:
+    name = spec.name
+
+    async def status(db: AsyncSession, group: Any) -> str:
+        broker = db.info["broker"]
+        info = await broker.repository.info(db, str(group.id), name)
+        return "not_connected" if info is None else str(info.status)
 
     async def remove(db: AsyncSession, group: Any, _request: Any) -> bool:
         return await disconnect_custom_integration(db, group, name)
@@ -135,7 +160,7 @@ def _apikey_integration(spec: ApiKeyProvider) -> Integration:
                 height=spec.popup.height,
                 name=spec.display_name,
                 delete=f"/groups/{{group_id}}/integrations/custom/{name}/disconnect",
-                trigger=f"/groups/{{group_id}}/integrations/custom/{name}",
+                trigger=trigger or f"/groups/{{group_id}}/integrations/custom/{name}",
             ),
         ),
         get_status=status,
@@ -146,8 +171,84 @@ def _apikey_integration(spec: ApiKeyProvider) -> Integration:
     )
 
 
+def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
+    """Connected by submitting a client id and secret; the broker fetches the token."""
+    name = spec.name
+
+    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise InvalidInput("expected a JSON object of fields")
+        data = check_fields(spec, body)
+        scopes = data.get("scopes", "").split() or None
+        try:
+            response = await client.client_credentials(
+                spec,
+                client_id=data["client_id"],
+                client_secret=data["client_secret"],
+                scopes=scopes,
+                audience=data.get("audience"),
+            )
+        except TokenEndpointError as exc:
+            reason = f" ({exc.error})" if exc.error else ""
+            if exc.outcome == Outcome.transient:
+                raise ProviderUnreachable(
+                    f"{spec.display_name} could not issue a token right now{reason}. "
+                    "Try again later."
+                ) from None
+            raise CredentialRejected(
+                f"{spec.display_name} did not accept these client credentials{reason}.",
+                field="client_secret",
+            ) from None
+        broker = db.info["broker"]
+        now = broker.now()
+        try:
+            token = stored_token(
+                response, now=now, default_lifetime=spec.default_lifetime_seconds,
+                token_path=spec.token_path, extra_fields=spec.extra_fields,
+            )
+        except ValueError:
+            raise ProviderUnreachable(
+                f"{spec.display_name} answered without an access token."
+            ) from None
+        token["client"] = {
+            "client_id": data["client_id"],
+            "client_secret": data["client_secret"],
+            "scopes": scopes,
+            "audience": data.get("audience"),
+        }
+        expires_at = expiry(token)
+        await broker.repository.put(
+            db, str(group.id), name, token, auth_type=spec.auth_type,
+            hint={"client_id": data["client_id"]},
+            expires_at=expires_at, next_refresh_at=broker.next_refresh_at(now, expires_at),
+        )
+        return {"integration": name, "status": "connected"}
+
+    return _integration(spec, complete)
+
+
+def _oauth2_integration(spec: OAuth2Provider) -> Integration:
+    """Connected through the authorize route's popup, not by posting fields."""
+
+    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
+        raise InvalidInput(
+            f"{spec.display_name} is connected through its sign-in popup: open "
+            f"/groups/{{group_id}}/integrations/{spec.name}/authorize",
+            field="name",
+        )
+
+    return _integration(
+        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
+    )
+
+
 def integration_for(spec: ProviderBase) -> Integration:
     """The Integration for an enabled provider."""
     if isinstance(spec, ApiKeyProvider):
         return _apikey_integration(spec)
+    if isinstance(spec, OAuth2Provider):
+        return _oauth2_integration(spec)
+    if isinstance(spec, OAuth2ClientCredentialsProvider):
+        return _client_credentials_integration(spec)
     raise TypeError(f"no integration factory for {type(spec).__name__}")

@@ -17,17 +17,21 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .config import Settings
+from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
-from .errors import EncryptionKeyError, IntegrationNotConnected
+from .errors import EncryptionKeyError
 from .integrations import Registry, default_registry
 from .plugins import load_plugins
 from .providers import integration_for
+from .refresh import next_refresh_at
 from .store import Database, Repository
+from .store.repository import utcnow
 
 __all__ = ["Broker"]
 
@@ -46,7 +50,9 @@ class Broker:
         self.database = database
         self.registry = registry
         self.nodes = nodes
-        self.repository = Repository(keyring)
+        self.clock: Callable[[], datetime] = utcnow
+        self.repository = Repository(keyring, clock=lambda: self.clock())
+        self.tokens = Credentials(self)
         database.info["broker"] = self
 
     @classmethod
@@ -101,17 +107,42 @@ class Broker:
         async with self.database.session() as session:
             yield session
 
-    async def credentials(self, group_id: str, name: str) -> dict[str, Any]:
-        """The decrypted credential for one connection.
+    def now(self) -> datetime:
+        return self.clock()
 
-        Raises UnknownIntegration, IntegrationNotConnected or CredentialCorrupt.
+    async def credentials(
+        self, group_id: str, name: str, *, force_refresh: bool = False
+    ) -> dict[str, Any]:
+        """What a node gets for one connection, with a token valid right now.
+
+        Raises UnknownIntegration, IntegrationNotConnected, IntegrationNeedsReauth,
+        IntegrationUnavailable or CredentialCorrupt.
         """
-        integration = self.registry.get(name)
-        async with self.session() as db:
-            found = await self.repository.get(db, group_id, integration.key)
-        if found is None:
-            raise IntegrationNotConnected([integration.key], group_id)
-        return found.data
+        return await self.tokens.get(
+            group_id, self.registry.get(name), force_refresh=force_refresh
+        )
+
+    def next_refresh_at(self, now: datetime, expires_at: datetime | None) -> datetime | None:
+        if expires_at is None:
+            return None
+        refresh = self.settings.refresh
+        return next_refresh_at(
+            now, expires_at, interval=refresh.interval_seconds,
+            min_validity=refresh.min_validity_seconds,
+        )
+
+    async def store_token(
+        self, group_id: str, name: str, auth_type: str, token: dict[str, Any],
+        *, hint: dict[str, Any],
+    ) -> None:
+        """Store (or replace) an OAuth2 connection's tokens in one transaction."""
+        expires_at = expiry(token)
+        async with self.session() as db, db.begin():
+            await self.repository.put(
+                db, group_id, name, token, auth_type=auth_type, hint=hint,
+                expires_at=expires_at,
+                next_refresh_at=self.next_refresh_at(self.now(), expires_at),
+            )
 
     async def missing(self, group_id: str, names: list[str]) -> list[str]:
         """Which of ``names`` are not connected for ``group_id``."""

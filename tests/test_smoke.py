@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import httpx
 
-from broker.runtime import Broker
 from broker.nodes import ExecutionContext
+from broker.runtime import Broker
 
 KEY = "0123456789abcdef0123456789abcdef"
 

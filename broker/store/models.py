@@ -93,3 +93,37 @@ class Connection(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     failure_count: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ConnectSession(Base):
+    """A short-lived browser grant over one group's integrations (stored hashed)."""
+
+    __tablename__ = "connect_sessions"
+    __table_args__ = (Index("ix_connect_sessions_expires_at", "expires_at"),)
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(128))
+    # None: every enabled integration; else the allow-list.
+    integrations: Mapped[list[str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OAuthFlow(Base):
+    """One authorization-code flow in progress, keyed by the hash of its ``state``.
+
+    Consumed (deleted) exactly once by the callback, whatever the outcome.
+    """
+
+    __tablename__ = "oauth_flows"
+    __table_args__ = (Index("ix_oauth_flows_expires_at", "expires_at"),)
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(128))
+    integration: Mapped[str] = mapped_column(String(64))
+    session_hash: Mapped[str | None] = mapped_column(String(64))
+    # Fernet token over the PKCE verifier and the per-connection settings.
+    sealed: Mapped[str] = mapped_column(Text)
+    issuer: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -154,6 +154,73 @@ class Repository:
         )
         return result.first() is not None
 
+    async def replace_if_version(
+        self,
+        db: AsyncSession,
+        group_id: str,
+        integration: str,
+        version: int,
+        data: dict[str, Any],
+        *,
+        expires_at: datetime | None,
+        next_refresh_at: datetime | None,
+    ) -> ConnectionInfo | None:
+        """Store a refreshed credential only if the row is still at ``version``.
+
+        Returns the new info, or None when someone else changed the row meanwhile.
+        """
+        sealed = self.keyring.seal(group_id, integration, data)
+        row = (
+            await db.execute(
+                update(Connection)
+                .where(
+                    Connection.group_id == group_id,
+                    Connection.integration == integration,
+                    Connection.version == version,
+                )
+                .values(
+                    credential=sealed.token,
+                    key_id=sealed.key_id,
+                    version=Connection.version + 1,
+                    status="connected",
+                    updated_at=self.clock(),
+                    expires_at=expires_at,
+                    next_refresh_at=next_refresh_at,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    failure_count=0,
+                    last_error=None,
+                )
+                .returning(Connection)
+            )
+        ).scalar_one_or_none()
+        return None if row is None else ConnectionInfo.of(row)
+
+    async def set_status(
+        self,
+        db: AsyncSession,
+        group_id: str,
+        integration: str,
+        status: str,
+        *,
+        last_error: str | None,
+        next_refresh_at: datetime | None = None,
+    ) -> None:
+        """Record a refresh outcome that stores no new credential."""
+        await db.execute(
+            update(Connection)
+            .where(Connection.group_id == group_id, Connection.integration == integration)
+            .values(
+                status=status,
+                last_error=last_error,
+                updated_at=self.clock(),
+                next_refresh_at=next_refresh_at,
+                failure_count=Connection.failure_count + 1,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+
     async def _row(self, db: AsyncSession, group_id: str, integration: str) -> Connection | None:
         row: Connection | None = await db.scalar(
             select(Connection)

@@ -1,12 +1,16 @@
 """The Starlette application: routes, error responses, and the service-token gate.
 
-Routes (all but /healthz need ``Authorization: Bearer <service token>``):
+Routes (S: service token; C: connect session for the group; -: public):
 
-    GET  /healthz
-    GET  /groups/{group_id}/integrations
-    POST /groups/{group_id}/integrations/custom/{name}             the seed's trigger
-    POST /groups/{group_id}/integrations/custom/{name}/disconnect  the seed's delete
-    GET  /groups/{group_id}/integrations/{name}/credentials
+    -   GET  /healthz
+    -   GET  /oauth/callback                                         the OAuth2 redirect URI
+    -   GET  /static/...
+    S   POST /connect-sessions
+    S C GET  /groups/{group_id}/integrations
+    S C POST /groups/{group_id}/integrations/custom/{name}             the seed's trigger
+    S C POST /groups/{group_id}/integrations/custom/{name}/disconnect  the seed's delete
+    S C GET  /groups/{group_id}/integrations/{name}/authorize          the popup opens this
+    S   GET  /groups/{group_id}/integrations/{name}/credentials
 
 Every error is JSON: ``{"error": {"code", "message", "field"?...}}`` with a stable code.
 """
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -24,20 +31,34 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+from ..catalog import OAuth2Provider
 from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable, UnknownIntegration
 from ..integrations import GROUP_ID_PATTERN, INTEGRATION_PATTERN, Group, Integration, fill_group
+from ..oauth.flows import FLOW_TTL
+from ..oauth.service import FlowFailed, begin, finish
 from ..runtime import Broker
-from .auth import ServiceTokenMiddleware, TokenSet
+from ..sessions import SessionGrant, create_session, find_session
+from .auth import ServiceTokenMiddleware, TokenSet, principal, require_group, require_service
 from .bodies import read_json_object, replay
+from .pages import result_page
+from .redirects import safe_return_to
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("broker.web")
+STATIC_DIR = Path(__file__).parent / "static"
 NO_STORE = {"Cache-Control": "no-store"}
-PUBLIC_PATHS = ["/healthz"]
+PUBLIC_PATHS = ["/healthz", "/oauth/callback"]
+PUBLIC_PREFIXES = ["/static/"]
+GROUP_ID_MESSAGE = (
+    "Group id must be 1-128 characters: letters, digits and . _ : @ -, "
+    "starting with a letter or digit."
+)
+FLOW_COOKIE = "broker_flow"
 
 
 def _broker(request: Request) -> Broker:
@@ -48,18 +69,16 @@ def _broker(request: Request) -> Broker:
 def _group_id(request: Request) -> str:
     group_id: str = request.path_params["group_id"]
     if not re.fullmatch(GROUP_ID_PATTERN, group_id):
-        raise InvalidInput(
-            "Group id must be 1-128 characters: letters, digits and . _ : @ -, "
-            "starting with a letter or digit.",
-            field="group_id",
-        )
+        raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
+    require_group(request, group_id)
     return group_id
 
 
-def _integration(request: Request) -> Integration:
+def _integration(request: Request, group_id: str) -> Integration:
     name: str = request.path_params["name"]
     if not re.fullmatch(INTEGRATION_PATTERN, name):
         raise UnknownIntegration(name[:64])
+    require_group(request, group_id, name)
     return _broker(request).registry.get(name)
 
 
@@ -100,8 +119,11 @@ async def list_integrations(request: Request) -> Response:
     broker = _broker(request)
     group = Group(group_id)
     items = []
+    who = principal(request)
     async with broker.session() as db:
         for integration in broker.registry:
+            if who.session is not None and not who.session.allows(integration.key):
+                continue
             status = await integration.get_status(db, group)
             items.append(_describe(integration, group_id, status))
     return JSONResponse({"group_id": group_id, "integrations": items}, headers=NO_STORE)
@@ -109,7 +131,7 @@ async def list_integrations(request: Request) -> Response:
 
 async def trigger(request: Request) -> Response:
     group_id = _group_id(request)
-    integration = _integration(request)
+    integration = _integration(request, group_id)
     body, _ = await read_json_object(request)
     async with _broker(request).session() as db, db.begin():
         try:
@@ -129,7 +151,7 @@ async def trigger(request: Request) -> Response:
 
 async def disconnect(request: Request) -> Response:
     group_id = _group_id(request)
-    integration = _integration(request)
+    integration = _integration(request, group_id)
     async with _broker(request).session() as db, db.begin():
         result = await integration.delete_integration(db, Group(group_id), request)
     if isinstance(result, Response):
@@ -140,10 +162,135 @@ async def disconnect(request: Request) -> Response:
 
 
 async def credentials(request: Request) -> Response:
+    require_service(request)
     group_id = _group_id(request)
-    integration = _integration(request)
-    data = await _broker(request).credentials(group_id, integration.key)
+    integration = _integration(request, group_id)
+    force = request.query_params.get("force_refresh", "").lower() in ("1", "true", "yes")
+    data = await _broker(request).credentials(group_id, integration.key, force_refresh=force)
     return JSONResponse({"credentials": data}, headers=NO_STORE)
+
+
+async def create_connect_session(request: Request) -> Response:
+    require_service(request)
+    broker = _broker(request)
+    _, body = await read_json_object(request)
+    unknown = set(body) - {"group_id", "integrations"}
+    if unknown:
+        raise InvalidInput("Unknown field.", field=sorted(unknown)[0])
+    group_id = body.get("group_id")
+    if not isinstance(group_id, str) or not re.fullmatch(GROUP_ID_PATTERN, group_id):
+        raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
+    allowed = body.get("integrations")
+    if allowed is not None:
+        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
+            raise InvalidInput("integrations must be a list of names.", field="integrations")
+        for name in allowed:
+            if name not in broker.registry:
+                raise InvalidInput(f"No integration named {name[:64]!r}.", field="integrations")
+    ttl = timedelta(seconds=broker.settings.auth.connect_session_ttl_seconds)
+    async with broker.session() as db, db.begin():
+        token, grant = await create_session(
+            db, group_id=group_id, integrations=allowed, now=broker.now(), ttl=ttl
+        )
+    return JSONResponse(
+        {
+            "token": token,
+            "expires_at": grant.expires_at.isoformat(),
+            "connect_url": f"{broker.settings.public_url}/connect?session={token}",
+        },
+        status_code=201,
+        headers=NO_STORE,
+    )
+
+
+def _targets(broker: Broker) -> list[str]:
+    """Where the result of a popup may be posted: the broker's origin and allowed ones."""
+    settings = broker.settings
+    return list(dict.fromkeys([settings.public_origin, *settings.auth.allowed_origins]))
+
+
+def _return_to(broker: Broker, value: str | None) -> str | None:
+    return safe_return_to(value, _targets(broker))
+
+
+async def authorize(request: Request) -> Response:
+    broker = _broker(request)
+    try:
+        group_id = _group_id(request)
+        integration = _integration(request, group_id)
+        spec = integration.provider
+        if not isinstance(spec, OAuth2Provider):
+            raise InvalidInput(
+                f"{integration.name} is not connected through a sign-in popup.", field="name"
+            )
+        return_to = _return_to(broker, request.query_params.get("return_to"))
+        who = principal(request)
+        nonce = secrets.token_urlsafe(32)
+        url = await begin(
+            broker,
+            spec,
+            group_id=group_id,
+            session_hash=who.session.token_hash if who.session else None,
+            query=request.query_params,
+            return_to=return_to,
+            browser_nonce=nonce,
+        )
+    except HTTPError as exc:
+        return result_page(
+            integration=request.path_params.get("name"),
+            display_name=None,
+            status="error",
+            message=exc.message,
+            targets=_targets(broker),
+            return_to=None,
+            status_code=exc.status_code,
+        )
+    response = RedirectResponse(url, status_code=302, headers={"Referrer-Policy": "no-referrer"})
+    response.headers["Cache-Control"] = "no-store"
+    response.set_cookie(
+        FLOW_COOKIE,
+        nonce,
+        max_age=int(FLOW_TTL.total_seconds()),
+        path="/oauth/callback",
+        httponly=True,
+        secure=broker.settings.public_url.startswith("https://"),
+        samesite="lax",
+    )
+    return response
+
+
+async def oauth_callback(request: Request) -> Response:
+    broker = _broker(request)
+    params: dict[str, list[str]] = {}
+    for key, value in request.query_params.multi_items():
+        params.setdefault(key, []).append(value)
+    try:
+        result = await finish(broker, params, browser_nonce=request.cookies.get(FLOW_COOKIE))
+    except FlowFailed as exc:
+        integration = broker.registry.get(exc.integration) if (
+            exc.integration and exc.integration in broker.registry
+        ) else None
+        response = result_page(
+            integration=exc.integration,
+            display_name=integration.name if integration else None,
+            status="error",
+            message=exc.message,
+            targets=_targets(broker),
+            return_to=None,
+            status_code=exc.status_code,
+        )
+    else:
+        log.info("connected %s for group %s", result.integration, result.group_id)
+        response = result_page(
+            integration=result.integration,
+            display_name=result.display_name,
+            status="connected",
+            message=f"{result.display_name} is connected. You can close this window.",
+            targets=_targets(broker),
+            return_to=result.return_to,
+        )
+    response.delete_cookie(FLOW_COOKIE, path="/oauth/callback")
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -192,6 +339,10 @@ def create_app(broker: Broker, *, service_tokens: list[str] | None = None) -> St
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
 
+    async def find(token: str) -> SessionGrant | None:
+        async with broker.session() as db:
+            return await find_session(db, token)
+
     routes = [
         Route("/healthz", healthz),
         Route("/groups/{group_id}/integrations", list_integrations),
@@ -202,10 +353,23 @@ def create_app(broker: Broker, *, service_tokens: list[str] | None = None) -> St
             methods=["POST"],
         ),
         Route("/groups/{group_id}/integrations/{name}/credentials", credentials),
+        Route("/groups/{group_id}/integrations/{name}/authorize", authorize),
+        Route("/connect-sessions", create_connect_session, methods=["POST"]),
+        Route("/oauth/callback", oauth_callback),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(ServiceTokenMiddleware, TokenSet(tokens), PUBLIC_PATHS)],
+        middleware=[
+            Middleware(
+                ServiceTokenMiddleware,
+                TokenSet(tokens),
+                PUBLIC_PATHS,
+                public_prefixes=PUBLIC_PREFIXES,
+                find_session=find,
+                clock=broker.now,
+            )
+        ],
         exception_handlers={
             HTTPError: _http_error,
             HTTPException: _starlette_error,

@@ -1,23 +1,36 @@
-"""Who is calling: a service token (the host platform's backend, remote nodes).
+"""Who is calling: a service token, or a connect session.
 
-Tokens are compared as SHA-256 digests in constant time, against every configured token
-without stopping at the first match, so timing says nothing about which or how many exist.
-A request without a valid token gets the same 401 whatever path it names.
+- Service tokens (config ``auth.service_tokens``): the host platform's backend and remote
+  nodes. Compared as SHA-256 digests in constant time, against every configured token
+  without stopping at the first match.
+- Connect sessions (``bcs_...``, from ``POST /connect-sessions``): a browser managing one
+  group's integrations, sent as a bearer token or, where a browser cannot set headers (the
+  popup's authorize URL, the connect page), as ``?session=``.
+
+A request outside the public paths without a valid token gets the same 401 whatever path
+it names. What a principal may do is checked by the routes (``require_*``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import Unauthorized
+from ..errors import Forbidden, Unauthorized
+from ..sessions import SESSION_PREFIX, SessionGrant
 
-__all__ = ["ServiceTokenMiddleware", "TokenSet"]
+__all__ = ["Principal", "ServiceTokenMiddleware", "TokenSet", "require_group", "require_service"]
+
+SessionLookup = Callable[[str], Awaitable[SessionGrant | None]]
 
 
 class TokenSet:
@@ -35,6 +48,12 @@ class TokenSet:
         return found
 
 
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["service", "session"]
+    session: SessionGrant | None = None
+
+
 def bearer_token(headers: Headers) -> str | None:
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -43,20 +62,37 @@ def bearer_token(headers: Headers) -> str | None:
 
 
 class ServiceTokenMiddleware:
-    """Rejects every HTTP request outside ``public_paths`` that lacks a valid service token."""
+    """Resolves the caller; rejects callers without a valid token outside ``public_paths``."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenSet, public_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        tokens: TokenSet,
+        public_paths: Iterable[str],
+        *,
+        public_prefixes: Iterable[str] = (),
+        find_session: SessionLookup | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.app = app
         self.tokens = tokens
         self.public_paths = frozenset(public_paths)
+        self.public_prefixes = tuple(public_prefixes)
+        self.find_session = find_session
+        self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public_paths:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in self.public_paths
+            or path.startswith(self.public_prefixes)
+        ):
             await self.app(scope, receive, send)
             return
-        token = bearer_token(Headers(scope=scope))
-        if token is None or not self.tokens.matches(token):
-            error = Unauthorized("Missing or invalid bearer token.")
+        principal, problem = await self._resolve(scope)
+        if principal is None:
+            error = Unauthorized(problem)
             response = JSONResponse(
                 error.to_dict(),
                 status_code=error.status_code,
@@ -64,5 +100,48 @@ class ServiceTokenMiddleware:
             )
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["principal"] = "service"
+        scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+    async def _resolve(self, scope: Scope) -> tuple[Principal | None, str]:
+        invalid = "Missing or invalid bearer token."
+        token = bearer_token(Headers(scope=scope))
+        if token is None:
+            token = QueryParams(scope.get("query_string", b"")).get("session")
+            if token is None or not token.startswith(SESSION_PREFIX):
+                return None, invalid
+        if token.startswith(SESSION_PREFIX) and self.find_session is not None:
+            grant = await self.find_session(token)
+            if grant is None:
+                return None, invalid
+            if self.clock is not None and grant.expires_at <= self.clock():
+                return None, "This connect session has expired. Ask for a new link."
+            return Principal("session", grant), ""
+        if self.tokens.matches(token):
+            return Principal("service"), ""
+        return None, invalid
+
+
+def principal(request: Request) -> Principal:
+    found = request.scope.get("state", {}).get("principal")
+    if not isinstance(found, Principal):
+        raise Unauthorized("Missing or invalid bearer token.")
+    return found
+
+
+def require_service(request: Request) -> None:
+    """Only a service token may do this (read credentials, open sessions)."""
+    if principal(request).kind != "service":
+        raise Forbidden("A connect session cannot do this; it needs a service token.")
+
+
+def require_group(request: Request, group_id: str, integration: str | None = None) -> None:
+    """A connect session may act only on its own group (and its allowed integrations)."""
+    who = principal(request)
+    if who.kind == "service":
+        return
+    assert who.session is not None
+    if who.session.group_id != group_id:
+        raise Forbidden("This connect session is for another group.")
+    if integration is not None and not who.session.allows(integration):
+        raise Forbidden("This connect session does not cover this integration.")

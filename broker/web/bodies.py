@@ -40,10 +40,19 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidInput("Request body is empty: expected a JSON object.", reason="empty")
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: deeply nested arrays/objects (well under the size limit).
         raise InvalidInput("Request body is not valid JSON.", reason="invalid_json") from None
     if not isinstance(value, dict):
         raise InvalidInput("Request body must be a JSON object.", reason="not_an_object")
+    try:
+        # What is stored must go back out as JSON: no NaN/Infinity, no lone surrogates.
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError:
+        raise InvalidInput(
+            "Request body has a value JSON cannot carry (NaN, Infinity or a lone surrogate).",
+            reason="invalid_json",
+        ) from None
     return value
 
 

@@ -1,0 +1,228 @@
+"""Token requests through Authlib's httpx client: code exchange, refresh, client credentials.
+
+Provider quirks come from the spec: client authentication method, JSON request bodies,
+extra token and refresh parameters, URL templates over per-connection settings. Every
+failure becomes a ``TokenEndpointError`` carrying the HTTP status, the RFC error code and
+``Retry-After`` — never the request or response body.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+from authlib.integrations.base_client.errors import OAuthError
+
+with warnings.catch_warnings():
+    # Authlib 1.9 announces a preference for the httpx2 fork; broker is built on httpx.
+    warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider, render
+from ..errors import TokenEndpointError
+from .decisions import classify, safe_error_code
+
+__all__ = ["client_credentials", "exchange_code", "refresh"]
+
+Spec = OAuth2Provider | OAuth2ClientCredentialsProvider
+
+
+class _JSONBody(httpx.AsyncBaseTransport):
+    """Re-encodes form token requests as JSON, for providers that want JSON bodies."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and content_type.startswith(
+            "application/x-www-form-urlencoded"
+        ):
+            body = json.dumps(dict(parse_qsl(request.content.decode()))).encode()
+            headers = {
+                k: v
+                for k, v in request.headers.items()
+                if k.lower() not in ("content-type", "content-length")
+            }
+            headers["Content-Type"] = "application/json"
+            request = httpx.Request(
+                request.method, request.url, headers=headers, content=body,
+                extensions=request.extensions,
+            )
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from datetime import UTC, datetime
+
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+async def _request(
+    spec: Spec,
+    client_id: str,
+    client_secret: str | None,
+    call: Callable[[AsyncOAuth2Client], Awaitable[Mapping[str, Any]]],
+    *,
+    redirect_uri: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    async def remember(response: httpx.Response) -> None:
+        last["status"] = response.status_code
+        last["retry_after"] = _retry_after(response.headers.get("retry-after"))
+
+    inner = transport or httpx.AsyncHTTPTransport()
+    client = AsyncOAuth2Client(
+        client_id=client_id,
+        client_secret=client_secret,
+        token_endpoint_auth_method=spec.token_endpoint_auth_method,
+        redirect_uri=redirect_uri,
+        code_challenge_method="S256",
+        timeout=spec.timeout_seconds,
+        transport=_JSONBody(inner) if spec.token_request_format == "json" else inner,
+        event_hooks={"response": [remember]},
+        follow_redirects=False,
+    )
+    name = spec.display_name
+    try:
+        async with client:
+            return dict(await call(client))
+    except OAuthError as exc:
+        code = safe_error_code(exc.error)
+        status = last.get("status")
+        raise TokenEndpointError(
+            f"{name} token endpoint refused the request"
+            + (f" ({code})" if code else "")
+            + (f", HTTP {status}" if status else ""),
+            error=code,
+            status=status,
+            retry_after=last.get("retry_after"),
+            outcome=classify(status, code),
+        ) from None
+    except httpx.HTTPStatusError as exc:
+        status = exc.response.status_code
+        raise TokenEndpointError(
+            f"{name} token endpoint answered HTTP {status}",
+            error=None,
+            status=status,
+            retry_after=_retry_after(exc.response.headers.get("retry-after")),
+            outcome=classify(status, None),
+        ) from None
+    except httpx.TimeoutException:
+        raise TokenEndpointError(
+            f"{name} token endpoint timed out", error=None, status=None,
+            retry_after=None, outcome=classify(None, None),
+        ) from None
+    except (httpx.HTTPError, ValueError) as exc:
+        # ValueError: Authlib found no JSON object in the response.
+        status = last.get("status")
+        raise TokenEndpointError(
+            f"{name} token endpoint could not be used ({type(exc).__name__})",
+            error=None, status=status, retry_after=None, outcome=classify(status, None),
+        ) from None
+
+
+async def exchange_code(
+    spec: OAuth2Provider,
+    *,
+    code: str,
+    code_verifier: str | None,
+    redirect_uri: str,
+    settings: Mapping[str, str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    """The token response for an authorization code (PKCE verifier when the flow used one)."""
+    assert spec.client_id is not None
+    params: dict[str, Any] = dict(spec.token_params)
+    if code_verifier is not None:
+        params["code_verifier"] = code_verifier
+
+    async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
+        token: Mapping[str, Any] = await client.fetch_token(
+            render(spec.token_url, settings),
+            grant_type="authorization_code",
+            code=code,
+            redirect_uri=redirect_uri,
+            **params,
+        )
+        return token
+
+    return await _request(
+        spec,
+        spec.client_id.get_secret_value(),
+        spec.client_secret.get_secret_value() if spec.client_secret else None,
+        call,
+        redirect_uri=redirect_uri,
+        transport=transport,
+    )
+
+
+async def refresh(
+    spec: OAuth2Provider,
+    *,
+    refresh_token: str,
+    settings: Mapping[str, str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    """The token response for a refresh token."""
+    assert spec.client_id is not None
+    url = render(spec.refresh_url or spec.token_url, settings)
+
+    async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
+        token: Mapping[str, Any] = await client.refresh_token(
+            url, refresh_token=refresh_token, **spec.refresh_params
+        )
+        return token
+
+    return await _request(
+        spec,
+        spec.client_id.get_secret_value(),
+        spec.client_secret.get_secret_value() if spec.client_secret else None,
+        call,
+        transport=transport,
+    )
+
+
+async def client_credentials(
+    spec: OAuth2ClientCredentialsProvider,
+    *,
+    client_id: str,
+    client_secret: str,
+    scopes: list[str] | None = None,
+    audience: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    """A token for the client credentials grant."""
+    params: dict[str, Any] = dict(spec.token_params)
+    scope = spec.scope_string(scopes)
+    if scope:
+        params["scope"] = scope
+    if audience:
+        params["audience"] = audience
+
+    async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
+        token: Mapping[str, Any] = await client.fetch_token(
+            spec.token_url, grant_type="client_credentials", **params
+        )
+        return token
+
+    return await _request(spec, client_id, client_secret, call, transport=transport)

@@ -1,0 +1,96 @@
+"""Token responses -> what the broker stores and what nodes get. Pure functions.
+
+Lifetime rule: ``expires_in`` is used when it is a number (or a numeric string) between
+``MIN_LIFETIME`` and ``MAX_LIFETIME`` seconds; a missing, unparseable, zero or negative value
+gives the provider's ``default_lifetime_seconds``; larger values are capped at
+``MAX_LIFETIME``. So every token has a defined expiry and none can cause a refresh loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+__all__ = [
+    "MAX_LIFETIME",
+    "MIN_LIFETIME",
+    "dig",
+    "lifetime_seconds",
+    "node_view",
+    "stored_token",
+]
+
+MIN_LIFETIME = 5
+MAX_LIFETIME = 90 * 86400
+
+# What a node may see of a stored OAuth2 credential (plus extra fields and settings).
+NODE_KEYS = ("access_token", "token_type", "expires_at", "scope")
+
+
+def dig(obj: Any, path: str) -> Any:
+    """``obj["a"]["b"]`` for ``path="a.b"``; None when any step is missing."""
+    for part in path.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def lifetime_seconds(expires_in: Any, default: int) -> int:
+    """The lifetime to assume for a token, per the module's rule."""
+    try:
+        value = float(expires_in)
+    except (TypeError, ValueError):
+        return default
+    if not math.isfinite(value) or value <= 0:
+        return default
+    return int(min(max(value, MIN_LIFETIME), MAX_LIFETIME))
+
+
+def stored_token(
+    response: Mapping[str, Any],
+    *,
+    now: datetime,
+    default_lifetime: int,
+    token_path: str | None = None,
+    extra_fields: Mapping[str, str] | None = None,
+    previous_refresh_token: str | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The credential to store from a token endpoint response.
+
+    Raises ValueError (naming no value) when there is no access token.
+    Keeps ``previous_refresh_token`` when the response carries none.
+    """
+    token: Any = dig(response, token_path) if token_path else response
+    if not isinstance(token, Mapping):
+        raise ValueError(f"token response has no {token_path!r} object")
+    access_token = token.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise ValueError("token response has no access_token")
+    lifetime = lifetime_seconds(token.get("expires_in"), default_lifetime)
+    refresh_token = token.get("refresh_token") or previous_refresh_token
+    scope = token.get("scope", response.get("scope"))
+    stored: dict[str, Any] = {
+        "access_token": access_token,
+        "token_type": str(token.get("token_type") or "Bearer"),
+        "expires_at": int((now + timedelta(seconds=lifetime)).timestamp()),
+        "scope": scope if isinstance(scope, str) else None,
+        "lifetime": lifetime,
+    }
+    if isinstance(refresh_token, str) and refresh_token:
+        stored["refresh_token"] = refresh_token
+    extra = {name: dig(response, path) for name, path in (extra_fields or {}).items()}
+    stored["extra"] = {k: v for k, v in extra.items() if v is not None}
+    stored["settings"] = dict(settings or {})
+    return stored
+
+
+def node_view(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """What a node gets: never the refresh token or a client secret."""
+    view = {key: stored.get(key) for key in NODE_KEYS}
+    view.update(stored.get("settings") or {})
+    view.update(stored.get("extra") or {})
+    return view

@@ -1,0 +1,1 @@
+"""Example plugins (the seed's OpenWeatherMap integration and node)."""
