@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from .config import Settings, load_settings
 from .crypto import generate_key
@@ -67,6 +68,14 @@ def _run(coro: Awaitable[T]) -> T:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except BrokerError as exc:
         click.echo(f"broker: {exc}", err=True)
+        sys.exit(1)
+    except (OSError, DBAPIError) as exc:
+        # The database cannot be reached (refused, unknown host, bad credentials).
+        click.echo(
+            f"broker: cannot use the database: {type(exc).__name__}: "
+            f"{getattr(exc, 'orig', None) or exc}",
+            err=True,
+        )
         sys.exit(1)
 
 
@@ -187,6 +196,14 @@ def keys_rotate(config_path: Path | None, batch_size: int) -> None:
 
     result = _run(_with_broker(settings, rotate, migrate=False))
     click.echo(f"re-encrypted {result.changed} row(s) under key {result.key_id}")
+    if result.remaining:
+        click.echo(
+            f"broker: {result.remaining} row(s) are still under an older key (they changed "
+            "while this ran, written by a replica that does not have the new key first); "
+            "run `broker keys rotate` again once every replica has the new key first",
+            err=True,
+        )
+        sys.exit(1)
     if result.corrupt:
         click.echo(
             f"broker: {len(result.corrupt)} row(s) did not decrypt and were left as they are "

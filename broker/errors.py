@@ -3,6 +3,7 @@
     BrokerError
     ├── ConfigError                  config.yaml is wrong; raised before anything starts
     ├── EncryptionKeyError           missing, malformed or wrong encryption key
+    ├── SchemaOutOfDate              migrations are pending (run `broker db upgrade`)
     ├── PluginError                  a plugin cannot be loaded or registers a clash
     ├── TokenEndpointError           a token request failed (status, RFC error, outcome)
     └── HTTPError                    anything a route turns into a JSON error response
@@ -46,6 +47,7 @@ __all__ = [
     "PayloadTooLarge",
     "PluginError",
     "ProviderUnreachable",
+    "SchemaOutOfDate",
     "ServiceUnavailable",
     "TokenEndpointError",
     "Unauthorized",
@@ -92,6 +94,10 @@ class TokenEndpointError(BrokerError):
         self.status = status
         self.retry_after = retry_after
         self.outcome = outcome
+
+
+class SchemaOutOfDate(BrokerError):
+    """The database schema is behind the code: run ``broker db upgrade``."""
 
 
 class PluginError(BrokerError):

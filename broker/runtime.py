@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from .config import Settings
 from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
-from .errors import EncryptionKeyError
+from .errors import EncryptionKeyError, SchemaOutOfDate
 from .integrations import Registry, default_registry
 from .plugins import load_plugins
 from .providers import integration_for
@@ -86,7 +86,7 @@ class Broker:
             else:
                 pending = await database.pending_migrations()
                 if pending:
-                    raise EncryptionKeyError(
+                    raise SchemaOutOfDate(
                         f"database needs migrations {pending}: run `broker db upgrade`"
                     )
         except BaseException:
@@ -172,6 +172,9 @@ class Broker:
                     db, after_id=after_id, batch_size=batch_size
                 )
             if batch.examined == 0:
+                # Rows changed by someone else mid-rotation were skipped; say so.
+                remaining = await self.database.count_not_under(self.keyring.primary_key_id)
+                result.remaining = remaining - len(result.corrupt)
                 return result
             after_id = batch.last_id
             result.changed += batch.changed
@@ -184,6 +187,8 @@ class Broker:
 class RotationResult:
     key_id: str
     changed: int = 0
+    remaining: int = 0
+    """Rows still under an older key (changed during the run by an old-key writer)."""
     corrupt: list[int] = field(default_factory=list)
 
 
@@ -199,14 +204,15 @@ async def _keyring(settings: Settings, database: Database) -> Keyring:
         parse_key(k.get_secret_value(), where=f"encryption_keys[{i}]")
         for i, k in enumerate(settings.encryption_keys)
     ]
+    key_file = settings.default_key_file()
+    if not keys and key_file is None:
+        raise EncryptionKeyError(
+            "encryption_keys is empty: set at least one key (`broker keys generate`) "
+            "when the database is not a local SQLite file"
+        )
     stored = await database.stored_key_ids()
     if not keys:
-        key_file = settings.default_key_file()
-        if key_file is None:
-            raise EncryptionKeyError(
-                "encryption_keys is empty: set at least one key (`broker keys generate`) "
-                "when the database is not a local SQLite file"
-            )
+        assert key_file is not None
         key, created = load_or_create_key_file(key_file, may_create=not stored)
         if created:
             log.warning(

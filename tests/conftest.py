@@ -24,6 +24,8 @@ from broker.crypto import generate_key
 from broker.runtime import Broker
 from broker.web import create_app
 
+pytest_plugins = ["tests.authserver.fixture"]
+
 PG_ENV = "BROKER_TEST_DATABASE_URL"
 SERVICE_TOKEN = "test-service-token-0123456789"
 

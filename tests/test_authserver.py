@@ -42,36 +42,49 @@ class Proto:
     def token(self, client: Client, data: dict[str, str], **kw: Any) -> httpx.Response:
         """POST to the token endpoint with the client's registered auth method."""
         data = dict(data)
-        auth = None
+        auth: tuple[str, str] | None = None
         if client.token_endpoint_auth_method == "client_secret_basic":
             auth = (client.client_id, client.client_secret or "")
         elif client.token_endpoint_auth_method == "client_secret_post":
             data |= {"client_id": client.client_id, "client_secret": client.client_secret or ""}
         else:
             data["client_id"] = client.client_id
-        return self.http.post(self.srv.token_endpoint, data=data, auth=auth, **kw)
+        return self.http.post(
+            self.srv.token_endpoint, data=data, auth=auth or httpx.USE_CLIENT_DEFAULT, **kw
+        )
 
     def consent(self, url: str, username: str = "alice", approve: bool = True) -> str:
         return self.srv.consent(url, username, approve=approve, http=self.http)
 
-    def code(self, client: Client, username: str = "alice", scope: str = "read",
-             challenge: str | None = None) -> str:
-        url = self.srv.authorize_url(client, scope=scope, state="st4te",
-                                     code_challenge=challenge)
+    def code(
+        self,
+        client: Client,
+        username: str = "alice",
+        scope: str = "read",
+        challenge: str | None = None,
+    ) -> str:
+        url = self.srv.authorize_url(client, scope=scope, state="st4te", code_challenge=challenge)
         redirect = query(self.consent(url, username))
         assert redirect["state"] == "st4te"
         return redirect["code"]
 
-    def exchange(self, client: Client, code: str, verifier: str | None = None,
-                 redirect_uri: str | None = None) -> httpx.Response:
-        data = {"grant_type": "authorization_code", "code": code,
-                "redirect_uri": redirect_uri or client.redirect_uris[0]}
+    def exchange(
+        self,
+        client: Client,
+        code: str,
+        verifier: str | None = None,
+        redirect_uri: str | None = None,
+    ) -> httpx.Response:
+        data = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri or client.redirect_uris[0],
+        }
         if verifier:
             data["code_verifier"] = verifier
         return self.token(client, data)
 
-    def login(self, client: Client, username: str = "alice", scope: str = "read"
-              ) -> dict[str, Any]:
+    def login(self, client: Client, username: str = "alice", scope: str = "read") -> dict[str, Any]:
         """Authorization code + PKCE, returning the token response."""
         verifier, challenge = pkce_pair()
         r = self.exchange(client, self.code(client, username, scope, challenge), verifier)
@@ -87,8 +100,9 @@ class Proto:
         return self.token(client, {"grant_type": "client_credentials", **extra})
 
     def me(self, access_token: str) -> httpx.Response:
-        return self.http.get(self.srv.userinfo_endpoint,
-                             headers={"Authorization": f"Bearer {access_token}"})
+        return self.http.get(
+            self.srv.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
+        )
 
 
 @pytest.fixture
@@ -102,8 +116,9 @@ def p(authserver: AuthServer, http: httpx.Client) -> Proto:
 @pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
 def test_code_with_pkce_happy_path(p: Proto, method: str) -> None:
     srv = p.srv
-    client = srv.register_client(token_endpoint_auth_method=method,
-                                 redirect_uris=["http://127.0.0.1:9/cb"])
+    client = srv.register_client(
+        token_endpoint_auth_method=method, redirect_uris=["http://127.0.0.1:9/cb"]
+    )
     verifier, challenge = pkce_pair()
     url = srv.authorize_url(client, scope="read write", state="s1", code_challenge=challenge)
 
@@ -132,8 +147,12 @@ def test_code_with_pkce_happy_path(p: Proto, method: str) -> None:
     assert r.json()["sub"] == "bob"
 
     # the other auth method is refused for this client
-    other = dataclasses.replace(client, token_endpoint_auth_method=(
-        "client_secret_post" if method == "client_secret_basic" else "client_secret_basic"))
+    other = dataclasses.replace(
+        client,
+        token_endpoint_auth_method=(
+            "client_secret_post" if method == "client_secret_basic" else "client_secret_basic"
+        ),
+    )
     r = p.refresh(other, tok["refresh_token"])
     assert r.status_code in (400, 401)
     assert r.json()["error"] == "invalid_client"
@@ -166,8 +185,9 @@ async def test_async_consent_and_auto_approve(authserver: AuthServer) -> None:
         assert "code" in query(await authserver.aconsent(url, "carol", http=http))
 
         authserver.config.auto_approve = True
-        r = await http.get(authserver.authorize_url(client, code_challenge=challenge,
-                                                    login_hint="dave"))
+        r = await http.get(
+            authserver.authorize_url(client, code_challenge=challenge, login_hint="dave")
+        )
     assert r.status_code == 302 and "code" in query(r.headers["location"])
 
 
@@ -283,8 +303,11 @@ def test_refresh_token_of_another_client_is_invalid_grant(p: Proto) -> None:
 
 
 def test_client_credentials(p: Proto) -> None:
-    client = p.srv.register_client(grant_types=["client_credentials"], scopes=["jobs"],
-                                   token_endpoint_auth_method="client_secret_post")
+    client = p.srv.register_client(
+        grant_types=["client_credentials"],
+        scopes=["jobs"],
+        token_endpoint_auth_method="client_secret_post",
+    )
     r = p.cc(client, scope="jobs")
     assert r.status_code == 200, r.text
     tok = r.json()
@@ -319,10 +342,12 @@ def test_expired_access_token_is_401(authserver_factory: Factory, http: httpx.Cl
     assert p.me(fresh["access_token"]).status_code == 401
 
 
-def test_omitted_expires_in_and_extra_fields(authserver_factory: Factory,
-                                             http: httpx.Client) -> None:
-    srv = authserver_factory(include_expires_in=False,
-                             extra_token_fields={"instance_url": "https://na1.example"})
+def test_omitted_expires_in_and_extra_fields(
+    authserver_factory: Factory, http: httpx.Client
+) -> None:
+    srv = authserver_factory(
+        include_expires_in=False, extra_token_fields={"instance_url": "https://na1.example"}
+    )
     tok = Proto(srv, http).login(srv.register_client())
     assert "expires_in" not in tok
     assert tok["instance_url"] == "https://na1.example"
@@ -343,10 +368,14 @@ def test_slack_shape(authserver_factory: Factory, http: httpx.Client) -> None:
 
 
 def test_json_token_requests_only_when_enabled(p: Proto) -> None:
-    client = p.srv.register_client(grant_types=["client_credentials"],
-                                   token_endpoint_auth_method="client_secret_post")
-    body = {"grant_type": "client_credentials", "client_id": client.client_id,
-            "client_secret": client.client_secret}
+    client = p.srv.register_client(
+        grant_types=["client_credentials"], token_endpoint_auth_method="client_secret_post"
+    )
+    body = {
+        "grant_type": "client_credentials",
+        "client_id": client.client_id,
+        "client_secret": client.client_secret,
+    }
     assert p.http.post(p.srv.token_endpoint, json=body).status_code == 400
     p.srv.config.accept_json_token_requests = True
     r = p.http.post(p.srv.token_endpoint, json=body)
@@ -361,8 +390,9 @@ def test_revocation_endpoint(p: Proto) -> None:
     tok = p.login(client)
     auth = (client.client_id, client.client_secret or "")
     url = p.srv.revocation_endpoint
-    r = p.http.post(url, auth=auth,
-                    data={"token": tok["access_token"], "token_type_hint": "access_token"})
+    r = p.http.post(
+        url, auth=auth, data={"token": tok["access_token"], "token_type_hint": "access_token"}
+    )
     assert r.status_code == 200
     assert p.me(tok["access_token"]).status_code == 401
     tok2 = p.refresh(client, tok["refresh_token"]).json()  # the grant is still alive
@@ -392,7 +422,8 @@ def test_metadata_document(p: Proto) -> None:
     srv.register_client()
     doc = p.http.get(srv.metadata_url).json()
     rfc8414.AuthorizationServerMetadata(doc).validate(
-        metadata_classes=[rfc9207.AuthorizationServerMetadata])
+        metadata_classes=[rfc9207.AuthorizationServerMetadata]
+    )
     assert doc["issuer"] == srv.issuer
     assert doc["token_endpoint"] == srv.token_endpoint
     assert doc["code_challenge_methods_supported"] == ["S256"]
@@ -469,7 +500,8 @@ def test_fault_on_the_protected_resource(p: Proto) -> None:
 def test_counters_and_concurrent_request_log(p: Proto) -> None:
     srv = p.srv
     client = srv.register_client(
-        grant_types=["authorization_code", "refresh_token", "client_credentials"])
+        grant_types=["authorization_code", "refresh_token", "client_credentials"]
+    )
     tok = p.login(client)
     results: list[int] = []
 
@@ -484,7 +516,10 @@ def test_counters_and_concurrent_request_log(p: Proto) -> None:
     assert results == [200] * 8
     p.refresh(client, tok["refresh_token"])
     assert srv.token_requests == {
-        "authorization_code": 1, "client_credentials": 8, "refresh_token": 1}
+        "authorization_code": 1,
+        "client_credentials": 8,
+        "refresh_token": 1,
+    }
     seen = srv.requests_seen("token")
     assert len(seen) == 10 and all(r.status == 200 for r in seen)
     assert seen[-1].grant_type == "refresh_token"

@@ -13,7 +13,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from broker.config import Settings
-from broker.errors import CredentialCorrupt, EncryptionKeyError
+from broker.errors import CredentialCorrupt, SchemaOutOfDate
 from broker.runtime import Broker
 from broker.store import Database
 from broker.store.database import _alembic_config
@@ -258,7 +258,7 @@ async def test_broker_open_applies_migrations_and_leaves_none_pending(
 async def test_migrate_false_refuses_an_unmigrated_database(
     store_url: str, make_settings: Callable[..., Settings]
 ) -> None:
-    with pytest.raises(EncryptionKeyError, match="broker db upgrade"):
+    with pytest.raises(SchemaOutOfDate, match="broker db upgrade"):
         await Broker.open(make_settings(database_url=store_url), migrate=False)
     fresh = Database(store_url)
     try:

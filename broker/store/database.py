@@ -74,6 +74,16 @@ class Database:
         async with self.engine.connect() as conn:
             return await conn.run_sync(_pending)
 
+    async def count_not_under(self, key_id: str) -> int:
+        """How many rows are sealed under a key other than ``key_id``."""
+        async with self.session() as db:
+            return int(
+                await db.scalar(
+                    select(func.count()).select_from(Connection).where(Connection.key_id != key_id)
+                )
+                or 0
+            )
+
     async def has_tables(self) -> bool:
         async with self.engine.connect() as conn:
             return await conn.run_sync(lambda c: inspect(c).has_table("connections"))
@@ -86,7 +96,7 @@ class Database:
             rows = await db.execute(
                 select(Connection.key_id, func.count()).group_by(Connection.key_id)
             )
-            return {key: count for key, count in rows.tuples()}
+            return {key: count for key, count in rows.all()}
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-async def snapshot(request: Request, *, include_query: bool = False, allow_json: bool = False
-                   ) -> HTTPSnapshot:
+async def snapshot(
+    request: Request, *, include_query: bool = False, allow_json: bool = False
+) -> HTTPSnapshot:
     raw = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body: list[tuple[str, str]] = []
@@ -38,8 +39,11 @@ async def snapshot(request: Request, *, include_query: bool = False, allow_json:
         except ValueError:
             obj = None
         if isinstance(obj, dict):
-            body = [(str(k), v if isinstance(v, str) else json.dumps(v))
-                    for k, v in obj.items() if v is not None]
+            body = [
+                (str(k), v if isinstance(v, str) else json.dumps(v))
+                for k, v in obj.items()
+                if v is not None
+            ]
     return HTTPSnapshot(
         method=request.method,
         url=str(request.url),
@@ -50,8 +54,9 @@ async def snapshot(request: Request, *, include_query: bool = False, allow_json:
     )
 
 
-def _consent_page(snap: HTTPSnapshot, client_id: str, scope: str, message: str = "",
-                  status: int = 200) -> HTMLResponse:
+def _consent_page(
+    snap: HTTPSnapshot, client_id: str, scope: str, message: str = "", status: int = 200
+) -> HTMLResponse:
     query = snap.url.split("?", 1)[1] if "?" in snap.url else ""
     hint = dict(snap.query).get("login_hint", "")
     e = html.escape
@@ -125,13 +130,22 @@ def build_app(srv: AuthServer) -> Starlette:
             username = form.get("username", "").strip()
             if not username:
                 client_id = dict(snap.query).get("client_id", "")
-                return _consent_page(snap, client_id, dict(snap.query).get("scope", ""),
-                                     "Enter a username.", status=400)
+                return _consent_page(
+                    snap,
+                    client_id,
+                    dict(snap.query).get("scope", ""),
+                    "Enter a username.",
+                    status=400,
+                )
             return approve(snap, User(username))
         return approve(snap, None)  # Deny -> error=access_denied
 
-    def record(endpoint: str, snap: HTTPSnapshot, grant_type: str | None = None,
-               family_id: str | None = None) -> RequestRecord:
+    def record(
+        endpoint: str,
+        snap: HTTPSnapshot,
+        grant_type: str | None = None,
+        family_id: str | None = None,
+    ) -> RequestRecord:
         rec = RequestRecord(
             endpoint=endpoint,
             method=snap.method,
@@ -144,10 +158,14 @@ def build_app(srv: AuthServer) -> Starlette:
         store.requests.append(rec)
         return rec
 
-    async def run(rec: RequestRecord, fault: Fault | None, handle: Callable[[], Response]
-                  ) -> Response:
+    Handled = tuple[Response, str | None]  # the response, and its OAuth error code if any
+
+    async def run(
+        rec: RequestRecord, fault: Fault | None, handle: Callable[[], Handled]
+    ) -> Response:
+        error = None
         if fault is None:
-            resp = handle()
+            resp, error = handle()
         else:
             rec.fault = fault.kind
             if fault.kind == "error":
@@ -158,20 +176,20 @@ def build_app(srv: AuthServer) -> Starlette:
                 resp = PlainTextResponse(fault.body or default, fault.status, headers=headers)
             elif fault.kind == "delay":
                 await srv.sleep(fault.seconds)
-                resp = handle()
+                resp, error = handle()
             else:  # timeout
                 if fault.process:
-                    resp = handle()
+                    resp, error = handle()
                     await srv.sleep(fault.seconds)
                 else:
                     await srv.sleep(fault.seconds)
                     resp = PlainTextResponse("Gateway Timeout", 504)
         with store.lock:
             rec.status = resp.status_code
-            rec.error = getattr(resp, "oauth_error", None)
+            rec.error = error
         return resp
 
-    def shape_token_response(resp: OAuth2Response) -> Response:
+    def shape_token_response(resp: OAuth2Response) -> Handled:
         payload: Any = resp.payload
         error = payload.get("error") if isinstance(payload, dict) else None
         out: Response
@@ -194,8 +212,7 @@ def build_app(srv: AuthServer) -> Starlette:
             out = JSONResponse({"ok": False, "error": error}, headers=NO_STORE)
         else:
             out = resp
-        out.oauth_error = error  # type: ignore[attr-defined]
-        return out
+        return out, error
 
     async def token(request: Request) -> Response:
         snap = await snapshot(request, allow_json=cfg.accept_json_token_requests)
@@ -211,7 +228,7 @@ def build_app(srv: AuthServer) -> Starlette:
                     store.refresh_requests[family_id] += 1
             rec = record("token", snap, grant_type, family_id)
 
-        def handle() -> Response:
+        def handle() -> Handled:
             with store.lock:
                 resp: OAuth2Response = oauth.create_token_response(snap)
                 if isinstance(resp.payload, dict) and resp.payload.get("error") == "invalid_grant":
@@ -225,12 +242,10 @@ def build_app(srv: AuthServer) -> Starlette:
         with store.lock:
             rec = record("revoke", snap)
 
-        def handle() -> Response:
+        def handle() -> Handled:
             with store.lock:
                 resp: OAuth2Response = oauth.create_endpoint_response("revocation", snap)
-            if isinstance(resp.payload, dict):
-                resp.oauth_error = resp.payload.get("error")  # type: ignore[attr-defined]
-            return resp
+            return resp, resp.payload.get("error") if isinstance(resp.payload, dict) else None
 
         return await run(rec, srv.faults.take("revoke", None), handle)
 
@@ -239,32 +254,34 @@ def build_app(srv: AuthServer) -> Starlette:
         with store.lock:
             rec = record("api", snap)
 
-        def handle() -> Response:
+        def handle() -> Handled:
             with store.lock:
                 try:
                     tok = oauth.resource_protector.validate_request(
                         None, oauth.create_oauth2_request(snap)
                     )
                 except OAuth2Error as err:
-                    resp = oauth.handle_response(*err())
-                    resp.oauth_error = err.error
-                    return resp
-                return JSONResponse({
-                    "sub": tok.username or tok.client_id,
-                    "username": tok.username,
-                    "client_id": tok.client_id,
-                    "scope": tok.scope,
-                })
+                    return oauth.handle_response(*err()), err.error
+                return JSONResponse(
+                    {
+                        "sub": tok.username or tok.client_id,
+                        "username": tok.username,
+                        "client_id": tok.client_id,
+                        "scope": tok.scope,
+                    }
+                ), None
 
         return await run(rec, srv.faults.take("api", None), handle)
 
     async def metadata(request: Request) -> Response:
         return JSONResponse(srv.metadata())
 
-    return Starlette(routes=[
-        Route("/authorize", authorize, methods=["GET", "POST"]),
-        Route("/token", token, methods=["POST"]),
-        Route("/revoke", revoke, methods=["POST"]),
-        Route("/api/me", me, methods=["GET"]),
-        Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/authorize", authorize, methods=["GET", "POST"]),
+            Route("/token", token, methods=["POST"]),
+            Route("/revoke", revoke, methods=["POST"]),
+            Route("/api/me", me, methods=["GET"]),
+            Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
+        ]
+    )

@@ -38,8 +38,9 @@ class ConsentError(AssertionError):
     pass
 
 
-def _submission(page_url: str, resp: httpx.Response, username: str, approve: bool
-                ) -> tuple[str, dict[str, str]]:
+def _submission(
+    page_url: str, resp: httpx.Response, username: str, approve: bool
+) -> tuple[str, dict[str, str]]:
     if resp.status_code != 200 or "text/html" not in resp.headers.get("content-type", ""):
         raise ConsentError(f"no consent page: {resp.status_code} {resp.text[:300]}")
     parser = _FormParser()
@@ -69,8 +70,9 @@ def drive_consent(url: str, username: str, approve: bool, http: httpx.Client) ->
     return _location(http.post(action, data=data, follow_redirects=False))
 
 
-async def adrive_consent(url: str, username: str, approve: bool,
-                         http: httpx.AsyncClient | None) -> str:
+async def adrive_consent(
+    url: str, username: str, approve: bool, http: httpx.AsyncClient | None
+) -> str:
     own = http is None
     client = http or httpx.AsyncClient(timeout=10)
     try:

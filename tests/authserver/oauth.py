@@ -275,9 +275,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         self.register_grant(RefreshTokenGrant)
         self.register_grant(ClientCredentialsGrant)
         self.register_endpoint(Revocation)
-        self.register_extension(
-            _Issuer(lambda: self.issuer() if self.config.include_iss else None)
-        )
+        self.register_extension(_Issuer(lambda: self.issuer() if self.config.include_iss else None))
         self.resource_protector = ResourceProtector()
         self.resource_protector.register_token_validator(_BearerValidator(store))
 

@@ -111,8 +111,12 @@ class AuthServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            build_app(self), lifespan="off", log_config=None, log_level="warning",
-            access_log=False, timeout_graceful_shutdown=2,
+            build_app(self),
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
         )
         self._server = server = _UvicornServer(config)
 
@@ -121,8 +125,9 @@ class AuthServer:
             self._stopping = server.wake = asyncio.Event()
             await server.serve(sockets=[sock])
 
-        self._thread = threading.Thread(target=asyncio.run, args=(main(),),
-                                        name=f"authserver:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(main(),), name=f"authserver:{self.port}", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 10
         while not server.started:
@@ -171,13 +176,12 @@ class AuthServer:
     ) -> Client:
         """Register (or replace) a client. Secrets are generated when omitted;
         ``token_endpoint_auth_method``: client_secret_basic | client_secret_post | none."""
-        if token_endpoint_auth_method not in (
-            "client_secret_basic", "client_secret_post", "none"
-        ):
+        if token_endpoint_auth_method not in ("client_secret_basic", "client_secret_post", "none"):
             raise ValueError(token_endpoint_auth_method)
         client = Client(
             client_id=client_id or "client_" + secrets.token_hex(4),
-            client_secret=None if token_endpoint_auth_method == "none"
+            client_secret=None
+            if token_endpoint_auth_method == "none"
             else client_secret or secrets.token_urlsafe(24),
             redirect_uris=list(redirect_uris),
             scopes=list(scopes),
@@ -205,8 +209,12 @@ class AuthServer:
         params: dict[str, str] = {"response_type": "code", "client_id": client_id}
         if redirect_uri is None and not isinstance(client, str):
             redirect_uri = client.redirect_uris[0]
-        for key, value in (("redirect_uri", redirect_uri), ("scope", scope), ("state", state),
-                           ("login_hint", login_hint)):
+        for key, value in (
+            ("redirect_uri", redirect_uri),
+            ("scope", scope),
+            ("state", state),
+            ("login_hint", login_hint),
+        ):
             if value is not None:
                 params[key] = value
         if code_challenge is not None:
@@ -215,8 +223,14 @@ class AuthServer:
         params.update(extra)
         return f"{self.authorize_endpoint}?{urlencode(params)}"
 
-    def consent(self, url: str, username: str = "alice", *, approve: bool = True,
-                http: httpx.Client | None = None) -> str:
+    def consent(
+        self,
+        url: str,
+        username: str = "alice",
+        *,
+        approve: bool = True,
+        http: httpx.Client | None = None,
+    ) -> str:
         """Act as the user agent: open ``url``, fill the login form, press Allow/Deny.
         Returns the redirect (``Location``) to the client's redirect_uri, unfollowed."""
         if http is None:
@@ -225,8 +239,14 @@ class AuthServer:
             http = self._http
         return drive_consent(url, username, approve, http)
 
-    async def aconsent(self, url: str, username: str = "alice", *, approve: bool = True,
-                       http: httpx.AsyncClient | None = None) -> str:
+    async def aconsent(
+        self,
+        url: str,
+        username: str = "alice",
+        *,
+        approve: bool = True,
+        http: httpx.AsyncClient | None = None,
+    ) -> str:
         """Async variant of :meth:`consent`."""
         return await adrive_consent(url, username, approve, http)
 
@@ -237,8 +257,10 @@ class AuthServer:
         n = 0
         with self.store.lock:
             for fam in self.store.families.values():
-                if fam.username == username and not fam.revoked and (
-                    client_id is None or fam.client_id == client_id
+                if (
+                    fam.username == username
+                    and not fam.revoked
+                    and (client_id is None or fam.client_id == client_id)
                 ):
                     self.store.revoke_family(fam, "revoked_by_user")
                     n += 1
@@ -263,27 +285,55 @@ class AuthServer:
             return fam.revoked
 
     # ------------------------------------------------------------------ faults
-    def fail_next(self, n: int = 1, status: int = 500, *, endpoint: str = "token",
-                  grant_type: str | None = None, body: str | None = None) -> Fault:
+    def fail_next(
+        self,
+        n: int = 1,
+        status: int = 500,
+        *,
+        endpoint: str = "token",
+        grant_type: str | None = None,
+        body: str | None = None,
+    ) -> Fault:
         """The next ``n`` matching requests get ``status`` without being processed."""
         return self.faults.add(Fault("error", n, endpoint, grant_type, status=status, body=body))
 
-    def rate_limit_next(self, n: int = 1, retry_after: float = 1, *, endpoint: str = "token",
-                        grant_type: str | None = None) -> Fault:
+    def rate_limit_next(
+        self,
+        n: int = 1,
+        retry_after: float = 1,
+        *,
+        endpoint: str = "token",
+        grant_type: str | None = None,
+    ) -> Fault:
         """The next ``n`` matching requests get 429 with ``Retry-After``."""
-        return self.faults.add(Fault("error", n, endpoint, grant_type, status=429,
-                                     retry_after=retry_after))
+        return self.faults.add(
+            Fault("error", n, endpoint, grant_type, status=429, retry_after=retry_after)
+        )
 
-    def timeout_next(self, n: int = 1, seconds: float = 5.0, *, process: bool = False,
-                     endpoint: str = "token", grant_type: str | None = None) -> Fault:
+    def timeout_next(
+        self,
+        n: int = 1,
+        seconds: float = 5.0,
+        *,
+        process: bool = False,
+        endpoint: str = "token",
+        grant_type: str | None = None,
+    ) -> Fault:
         """Stall the next ``n`` matching requests ``seconds`` (for client timeouts), then
         answer 504. ``process=True``: handle the request first (e.g. rotate the refresh
         token) and stall the real response, like a reply lost on the way back."""
-        return self.faults.add(Fault("timeout", n, endpoint, grant_type, seconds=seconds,
-                                     process=process))
+        return self.faults.add(
+            Fault("timeout", n, endpoint, grant_type, seconds=seconds, process=process)
+        )
 
-    def delay_next(self, n: int = 1, seconds: float = 0.5, *, endpoint: str = "token",
-                   grant_type: str | None = None) -> Fault:
+    def delay_next(
+        self,
+        n: int = 1,
+        seconds: float = 0.5,
+        *,
+        endpoint: str = "token",
+        grant_type: str | None = None,
+    ) -> Fault:
         """Answer the next ``n`` matching requests normally, after ``seconds``."""
         return self.faults.add(Fault("delay", n, endpoint, grant_type, seconds=seconds))
 
@@ -352,8 +402,7 @@ class AuthServer:
             "revocation_endpoint": self.revocation_endpoint,
             "scopes_supported": scopes,
             "response_types_supported": ["code"],
-            "grant_types_supported": ["authorization_code", "refresh_token",
-                                      "client_credentials"],
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
             "token_endpoint_auth_methods_supported": auth_methods,
             "revocation_endpoint_auth_methods_supported": auth_methods,
             "code_challenge_methods_supported": ["S256"],
