@@ -18,15 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import SERVICE_TOKEN
 from sqlalchemy import func, select
 
 from broker.config import Settings
 from broker.nodes import ExecutionContext
 from broker.runtime import Broker
-from broker.store.models import Connection, OAuthFlow
+from broker.store.models import Connection
 from broker.web import create_app
-
-from conftest import SERVICE_TOKEN
 from tests.authserver.server import AuthServer
 from tests.support import loopback_socket, serve, url_of
 
