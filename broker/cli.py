@@ -221,7 +221,14 @@ def providers() -> None:
 @providers.command("list")
 @config_option
 def providers_list(config_path: Path | None) -> None:
-    """The enabled providers and how each is connected."""
+    """The enabled providers, how each is connected, and the OAuth2 redirect URI."""
     settings = _settings(config_path)
+    oauth = False
     for name, spec in settings.resolved_providers.items():
-        click.echo(f"{name:20} {spec.display_name:24} {getattr(spec, 'auth_type', '')}")
+        auth_type = getattr(spec, "auth_type", "")
+        oauth = oauth or auth_type == "oauth2"
+        click.echo(f"{name:20} {spec.display_name:24} {auth_type}")
+    if oauth:
+        click.echo(
+            f"\nRedirect URI to register with each oauth2 provider: {settings.redirect_uri}"
+        )

@@ -23,7 +23,13 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import HTTPError, IntegrationNotConnected, ServiceUnavailable, error_class
+from .errors import (
+    HTTPError,
+    IntegrationNotConnected,
+    ServiceUnavailable,
+    UnknownIntegration,
+    error_class,
+)
 
 if TYPE_CHECKING:
     from .runtime import Broker
@@ -110,8 +116,11 @@ class RemoteSource:
 
     async def missing(self, group_id: str, names: list[str]) -> list[str]:
         body = await self._get(f"/groups/{quote(group_id, safe='')}/integrations")
-        connected = {i["name"] for i in body["integrations"] if i["status"] == "connected"}
-        return [n for n in names if n not in connected]
+        statuses = {i["name"]: i["status"] for i in body["integrations"]}
+        for name in names:
+            if name not in statuses:
+                raise UnknownIntegration(name)
+        return [n for n in names if statuses[n] != "connected"]
 
 
 class ExecutionContext:
