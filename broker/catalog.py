@@ -47,6 +47,8 @@ class FieldSpec(_Model):
     pattern: str | None = None
     example: str | None = None
     description: str | None = None
+    default: str | None = None
+    """Used when the user gives no value (per-connection settings)."""
     max_length: int = Field(default=4096, ge=1, le=65536)
 
     @field_validator("pattern")
@@ -209,10 +211,18 @@ class OAuth2Provider(ProviderBase, _TokenEndpoint):
             )
         known = set(self.settings)
         for url in self.urls():
-            missing = template_names(url) - known
+            names = template_names(url)
+            missing = names - known
             if missing:
                 raise ValueError(
                     f"URL {url!r} names {sorted(missing)}, which are not declared under settings"
+                )
+            optional = [
+                n for n in names if not (self.settings[n].required or self.settings[n].default)
+            ]
+            if optional:
+                raise ValueError(
+                    f"URL {url!r} uses optional settings {sorted(optional)} without a default"
                 )
         return self
 

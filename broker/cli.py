@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -120,8 +121,14 @@ def main() -> None:
 @config_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def serve(config_path: Path | None, host: str, port: int) -> None:
-    """Apply pending migrations and serve the HTTP API."""
+@click.option(
+    "--refresh/--no-refresh",
+    default=True,
+    show_default=True,
+    help="Run the refresh sweep in this process (off when `broker refresher` runs apart).",
+)
+def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None:
+    """Apply pending migrations and serve the HTTP API (and the refresh sweep)."""
     import uvicorn
 
     from .web import create_app
@@ -137,7 +144,9 @@ def serve(config_path: Path | None, host: str, port: int) -> None:
     async def run() -> None:
         broker = await Broker.open(settings)
         try:
-            app = create_app(broker, service_tokens=service_tokens(settings))
+            app = create_app(
+                broker, service_tokens=service_tokens(settings), refresher=refresh
+            )
             server = uvicorn.Server(
                 uvicorn.Config(
                     app, host=host, port=port, log_level=settings.log_level,
@@ -147,6 +156,32 @@ def serve(config_path: Path | None, host: str, port: int) -> None:
             log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)
             await server.serve()
         finally:
+            await broker.close()
+
+    _run(run())
+
+
+@main.command()
+@config_option
+def refresher(config_path: Path | None) -> None:
+    """Run only the refresh sweep (for deployments that refresh apart from serving)."""
+    from .scheduler import Refresher
+
+    settings = _settings(config_path)
+
+    async def run() -> None:
+        broker = await Broker.open(settings)
+        sweeper = Refresher(broker)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            sweeper.start()
+            log.info("refresher running every %ss", settings.refresh.interval_seconds)
+            await stop.wait()
+        finally:
+            sweeper.stop()
             await broker.close()
 
     _run(run())

@@ -78,6 +78,19 @@ class AuthSettings(_Model):
         return value
 
 
+class WebhookSettings(_Model):
+    url: str = Field(pattern=r"^https?://\S+$")
+    secret: SecretStr
+    """HMAC-SHA256 key for the ``Broker-Signature`` header (at least 16 characters)."""
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("a webhook secret must be at least 16 characters")
+        return value
+
+
 class RefreshSettings(_Model):
     min_validity_seconds: int = Field(default=60, ge=0, le=3600)
     """A token handed out is valid for at least this long (refreshed first if not)."""
@@ -94,6 +107,7 @@ class RawSettings(_Model):
     public_url: str = "http://127.0.0.1:8000"
     auth: AuthSettings = AuthSettings()
     refresh: RefreshSettings = RefreshSettings()
+    webhooks: list[WebhookSettings] = []
     providers: dict[str, dict[str, Any] | None] = {}
     catalog_paths: list[Path] = []
     plugins: list[str] = []

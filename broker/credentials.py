@@ -1,9 +1,25 @@
-"""Handing credentials out: decrypt, refresh on demand, show nodes only what they need.
+"""Handing credentials out, and refreshing them: on demand and for the sweep.
 
 An OAuth2 credential handed out is valid for at least ``refresh.min_validity_seconds`` (or
 half its lifetime, for tokens shorter than that); closer to expiry it is refreshed first.
-In this process, concurrent requests for one connection share one refresh (one future);
-the refreshed row is written only if no one else changed it meanwhile.
+
+Single flight, at two levels:
+
+- In this process, every caller wanting a refresh of one connection awaits one shared
+  future (on-demand requests and the sweep alike).
+- Across processes and replicas, the refresher takes a *lease* on the row (a conditional
+  UPDATE: free, or its holder's lease ran out), longer than the token request's timeout,
+  so a crashed holder blocks nobody for long. After claiming it re-reads the row: if
+  someone else refreshed meanwhile, that token is used. Callers that find the lease held
+  wait for the holder's result by polling the row, instead of refreshing again. The new
+  token is written only while the lease is still ours.
+
+Outcomes (see ``oauth.decisions``): success stores the new tokens (keeping the old refresh
+token when none comes back) in the same statement that releases the lease; a transient
+failure reschedules with backoff and leaves the connection ``connected`` — a still-valid
+token keeps being handed out, an expired one gives ``IntegrationUnavailable``;
+``invalid_grant`` re-reads the row once, then marks it ``reauth_required``; an operator
+error (``invalid_client``) is logged once per provider and retried with backoff.
 
 What nodes get: an API key's fields as stored; for OAuth2, ``access_token``,
 ``token_type``, ``expires_at``, ``scope``, the per-connection settings and the kept extra
@@ -14,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+import os
+import secrets
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
@@ -23,21 +41,24 @@ from .errors import (
     IntegrationNotConnected,
     IntegrationUnavailable,
     TokenEndpointError,
+    UnknownIntegration,
 )
+from .events import record
 from .integrations import Integration
 from .oauth import client
 from .oauth.decisions import Outcome
 from .oauth.tokens import node_view, stored_token
-from .refresh import needs_refresh
-from .store.repository import Credential
+from .refresh import backoff, needs_refresh
+from .store.models import Connection
 
 if TYPE_CHECKING:
     from .runtime import Broker
 
-__all__ = ["Credentials"]
+__all__ = ["Credentials", "expiry"]
 
 log = logging.getLogger("broker.credentials")
 TOKEN_TYPES = ("oauth2", "oauth2_cc")
+POLL_SECONDS = 0.05
 
 
 def expiry(token: dict[str, Any]) -> datetime | None:
@@ -45,10 +66,21 @@ def expiry(token: dict[str, Any]) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
 
 
+def is_stale(token: dict[str, Any], now: datetime, min_validity: float) -> bool:
+    lifetime = float(token.get("lifetime") or 0)
+    if lifetime:
+        min_validity = min(min_validity, lifetime / 2)
+    return needs_refresh(expiry(token), now, min_validity=min_validity)
+
+
 class Credentials:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self._operator_errors_logged: set[str] = set()
+
+    # --- handing out ---------------------------------------------------------------------
 
     async def get(
         self, group_id: str, integration: Integration, *, force_refresh: bool = False
@@ -64,31 +96,46 @@ class Credentials:
             raise IntegrationNeedsReauth(key, integration.name)
         token = found.data
         if force_refresh or self._stale(token):
-            token = await self._refresh_shared(group_id, integration, found, force_refresh)
+            token = await self.refresh(
+                group_id, integration, seen_version=found.info.version, force=force_refresh
+            )
         return node_view(token)
 
     def _stale(self, token: dict[str, Any]) -> bool:
-        expires_at = expiry(token)
-        lifetime = float(token.get("lifetime") or 0)
         min_validity = float(self.broker.settings.refresh.min_validity_seconds)
-        if lifetime:
-            min_validity = min(min_validity, lifetime / 2)
-        return needs_refresh(expires_at, self.broker.now(), min_validity=min_validity)
+        return is_stale(token, self.broker.now(), min_validity)
 
-    async def _refresh_shared(
-        self, group_id: str, integration: Integration, found: Credential, force: bool
+    # --- refreshing ----------------------------------------------------------------------
+
+    async def refresh(
+        self,
+        group_id: str,
+        integration: Integration,
+        *,
+        seen_version: int | None,
+        force: bool = False,
+        leased: bool = False,
     ) -> dict[str, Any]:
+        """The connection's fresh token; one refresh per connection at a time.
+
+        ``seen_version``: the version the caller saw (a newer one means someone already
+        refreshed). ``leased``: the caller (the sweep) already holds the lease.
+        """
         flight = (group_id, integration.key)
         pending = self._inflight.get(flight)
         if pending is not None:
+            if leased:  # the sweep's lease is redundant: the running refresh holds its own
+                await self._release(group_id, integration.key, {})
             return await asyncio.shield(pending)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inflight[flight] = future
         try:
-            result = await self._refresh(group_id, integration, found, force)
+            result = await self._refresh_leased(
+                group_id, integration, seen_version=seen_version, force=force, leased=leased
+            )
         except BaseException as exc:
             future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it; no "never retrieved" noise
+            future.exception()  # retrieved here; waiters re-raise it
             raise
         else:
             future.set_result(result)
@@ -96,58 +143,125 @@ class Credentials:
         finally:
             del self._inflight[flight]
 
-    async def _refresh(
-        self, group_id: str, integration: Integration, found: Credential, force: bool
+    def _lease_seconds(self, integration: Integration) -> float:
+        timeout = getattr(integration.provider, "timeout_seconds", 15.0)
+        return 2 * float(timeout) + 5.0
+
+    async def _refresh_leased(
+        self,
+        group_id: str,
+        integration: Integration,
+        *,
+        seen_version: int | None,
+        force: bool,
+        leased: bool,
     ) -> dict[str, Any]:
         broker = self.broker
         key = integration.key
-        spec = integration.provider
-        old = found.data
-        try:
-            if isinstance(spec, OAuth2Provider):
-                refresh_token = old.get("refresh_token")
-                if not refresh_token:
-                    raise TokenEndpointError(
-                        f"{spec.display_name}: no refresh token stored",
-                        error="invalid_grant", status=None, retry_after=None,
-                        outcome=Outcome.reauth,
+        lease = self._lease_seconds(integration)
+        deadline = broker.now() + timedelta(seconds=lease + 5)
+        while True:
+            row: Connection | None
+            if leased:
+                async with broker.session() as db:
+                    row = await db.scalar(
+                        _select_row(group_id, key).where(Connection.lease_owner == self.owner)
                     )
-                response = await client.refresh(
-                    spec, refresh_token=refresh_token, settings=old.get("settings") or {}
-                )
-            elif isinstance(spec, OAuth2ClientCredentialsProvider):
-                creds = old.get("client") or {}
-                response = await client.client_credentials(
-                    spec,
-                    client_id=creds.get("client_id", ""),
-                    client_secret=creds.get("client_secret", ""),
-                    scopes=creds.get("scopes"),
-                    audience=creds.get("audience"),
-                )
+                leased = False
             else:
-                return old
+                async with broker.session() as db, db.begin():
+                    row = await broker.repository.claim(
+                        db, group_id, key, owner=self.owner,
+                        until=broker.now() + timedelta(seconds=lease),
+                    )
+            if row is not None:
+                return await self._refresh_row(
+                    group_id, integration, row, seen_version=seen_version, force=force
+                )
+            # Someone else holds the lease (or the row is gone): wait for their result.
+            async with broker.session() as db:
+                current = await broker.repository.get(db, group_id, key)
+            if current is None:
+                raise IntegrationNotConnected([key], group_id)
+            if current.info.status == "reauth_required":
+                raise IntegrationNeedsReauth(key, integration.name)
+            changed = seen_version is not None and current.info.version != seen_version
+            if changed and not self._stale(current.data):
+                return current.data
+            if broker.now() >= deadline:
+                if (expiry(current.data) or broker.now()) > broker.now():
+                    return current.data
+                raise IntegrationUnavailable(key, integration.name)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _refresh_row(
+        self,
+        group_id: str,
+        integration: Integration,
+        row: Connection,
+        *,
+        seen_version: int | None,
+        force: bool,
+    ) -> dict[str, Any]:
+        """We hold the lease on ``row``: refresh it unless someone just did."""
+        broker = self.broker
+        key = integration.key
+        old = broker.keyring.open(group_id, key, row.credential)
+        refreshed_meanwhile = seen_version is not None and row.version != seen_version
+        if row.status != "connected":
+            await self._release(group_id, key, {})
+            raise IntegrationNeedsReauth(key, integration.name)
+        if refreshed_meanwhile and not self._stale(old):
+            await self._release(group_id, key, {})
+            return old
+        if not force and seen_version is not None and not self._stale(old) and (
+            row.next_refresh_at is None or row.next_refresh_at > broker.now()
+        ):
+            await self._release(group_id, key, {})
+            return old
+        try:
+            response = await self._token_request(integration, old)
         except TokenEndpointError as exc:
-            return await self._failed(group_id, integration, found, exc)
+            return await self._failed(group_id, integration, row, old, exc)
+        spec = integration.provider
+        assert isinstance(spec, OAuth2Provider | OAuth2ClientCredentialsProvider)
         now = broker.now()
-        token = stored_token(
-            response,
-            now=now,
-            default_lifetime=spec.default_lifetime_seconds,
-            token_path=spec.token_path,
-            extra_fields=spec.extra_fields,
-            previous_refresh_token=old.get("refresh_token"),
-            settings=old.get("settings"),
-        )
+        try:
+            token = stored_token(
+                response,
+                now=now,
+                default_lifetime=spec.default_lifetime_seconds,
+                token_path=spec.token_path,
+                extra_fields=spec.extra_fields,
+                previous_refresh_token=old.get("refresh_token"),
+                previous_extra=old.get("extra"),
+                settings=old.get("settings"),
+            )
+        except ValueError as exc:
+            failure = TokenEndpointError(
+                f"{spec.display_name}: {exc}", error=None, status=200, retry_after=None,
+                outcome=Outcome.transient,
+            )
+            return await self._failed(group_id, integration, row, old, failure)
         if "client" in old:
             token["client"] = old["client"]
+        expires_at = expiry(token)
         async with broker.session() as db, db.begin():
             stored = await broker.repository.replace_if_version(
-                db, group_id, key, found.info.version, token,
-                expires_at=expiry(token),
-                next_refresh_at=broker.next_refresh_at(now, expiry(token)),
+                db, group_id, key, row.version, token,
+                expires_at=expires_at,
+                next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
+                lease_owner=self.owner,
             )
+            if stored is not None:
+                kind = "recovered" if row.failure_count else "refreshed"
+                await record(
+                    db, group_id=group_id, integration=key, kind=kind, now=now,
+                    webhooks=broker.settings.webhooks,
+                    expires_at=expires_at.isoformat() if expires_at else None,
+                )
         if stored is None:
-            # Someone else refreshed (or reconnected) meanwhile: theirs is the current one.
+            # Our lease ran out and someone else wrote meanwhile: theirs is current.
             async with broker.session() as db:
                 current = await broker.repository.get(db, group_id, key)
             if current is None:
@@ -155,20 +269,107 @@ class Credentials:
             return current.data
         return token
 
+    async def _token_request(self, integration: Integration, old: dict[str, Any]) -> Any:
+        spec = integration.provider
+        if isinstance(spec, OAuth2Provider):
+            refresh_token = old.get("refresh_token")
+            if not refresh_token:
+                raise TokenEndpointError(
+                    f"{spec.display_name}: no refresh token was issued",
+                    error="invalid_grant", status=None, retry_after=None,
+                    outcome=Outcome.reauth,
+                )
+            return await client.refresh(
+                spec, refresh_token=refresh_token, settings=old.get("settings") or {}
+            )
+        if isinstance(spec, OAuth2ClientCredentialsProvider):
+            creds = old.get("client") or {}
+            return await client.client_credentials(
+                spec,
+                client_id=creds.get("client_id", ""),
+                client_secret=creds.get("client_secret", ""),
+                scopes=creds.get("scopes"),
+                audience=creds.get("audience"),
+            )
+        raise UnknownIntegration(integration.key)
+
+    async def _release(self, group_id: str, key: str, values: dict[str, Any]) -> bool:
+        async with self.broker.session() as db, db.begin():
+            return await self.broker.repository.release(
+                db, group_id, key, owner=self.owner, values=values
+            )
+
     async def _failed(
-        self, group_id: str, integration: Integration, found: Credential, exc: TokenEndpointError
+        self,
+        group_id: str,
+        integration: Integration,
+        row: Connection,
+        old: dict[str, Any],
+        exc: TokenEndpointError,
     ) -> dict[str, Any]:
         broker = self.broker
         key = integration.key
+        now = broker.now()
+        error = exc.error or (f"http_{exc.status}" if exc.status else "no_response")
         if exc.outcome == Outcome.reauth:
+            # Another replica may have rotated the refresh token under us (a lease that ran
+            # out): re-read once before giving up on the grant.
+            async with broker.session() as db:
+                current = await broker.repository.get(db, group_id, key)
+            if current is not None and current.info.version != row.version:
+                await self._release(group_id, key, {})
+                return current.data
             log.warning("connection %s/%s needs reauth: %s", group_id, key, exc)
             async with broker.session() as db, db.begin():
-                await broker.repository.set_status(
-                    db, group_id, key, "reauth_required", last_error=str(exc)
+                await broker.repository.release(
+                    db, group_id, key, owner=self.owner,
+                    values={
+                        "status": "reauth_required", "next_refresh_at": None,
+                        "last_error": error, "failure_count": row.failure_count + 1,
+                        "updated_at": now,
+                    },
+                )
+                await record(
+                    db, group_id=group_id, integration=key, kind="reauth_required", now=now,
+                    webhooks=broker.settings.webhooks, error=error,
                 )
             raise IntegrationNeedsReauth(key, integration.name) from None
-        log.warning("refresh of %s/%s failed (%s): %s", group_id, key, exc.outcome, exc)
-        expires_at = expiry(found.data)
-        if expires_at is not None and expires_at > broker.now():
-            return found.data
+
+        if exc.outcome == Outcome.operator:
+            provider = key
+            if provider not in self._operator_errors_logged:
+                self._operator_errors_logged.add(provider)
+                log.error(
+                    "provider %s rejects the broker's client credentials (%s): check its "
+                    "client_id and client_secret in config.yaml; refreshes will be retried",
+                    provider, error,
+                )
+        else:
+            log.warning("refresh of %s/%s failed (%s): %s", group_id, key, exc.outcome, exc)
+        failures = row.failure_count + 1
+        delay = backoff(failures, retry_after=exc.retry_after)
+        async with broker.session() as db, db.begin():
+            await broker.repository.release(
+                db, group_id, key, owner=self.owner,
+                values={
+                    "next_refresh_at": now + timedelta(seconds=delay),
+                    "last_error": error, "failure_count": failures,
+                },
+            )
+            await record(
+                db, group_id=group_id, integration=key, kind="refresh_failed", now=now,
+                webhooks=broker.settings.webhooks, error=error, outcome=str(exc.outcome),
+                retry_in_seconds=round(delay, 1),
+            )
+        expires_at = expiry(old)
+        if expires_at is not None and expires_at > now:
+            return old
         raise IntegrationUnavailable(key, integration.name) from None
+
+
+def _select_row(group_id: str, key: str) -> Any:
+    from sqlalchemy import select
+
+    return select(Connection).where(
+        Connection.group_id == group_id, Connection.integration == key
+    ).execution_options(populate_existing=True)

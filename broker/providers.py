@@ -221,7 +221,8 @@ def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> In
         await broker.repository.put(
             db, str(group.id), name, token, auth_type=spec.auth_type,
             hint={"client_id": data["client_id"]},
-            expires_at=expires_at, next_refresh_at=broker.next_refresh_at(now, expires_at),
+            expires_at=expires_at,
+            next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
         )
         return {"integration": name, "status": "connected"}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-__all__ = ["needs_refresh", "next_refresh_at", "refresh_margin"]
+__all__ = ["backoff", "keep_alive_at", "needs_refresh", "next_refresh_at", "refresh_margin"]
 
 MAX_MARGIN = 3600.0
 
@@ -45,3 +45,32 @@ def needs_refresh(expires_at: datetime | None, now: datetime, *, min_validity: f
     if expires_at is None:
         return False
     return (expires_at - now).total_seconds() < min_validity
+
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+
+
+def backoff(
+    failures: int, *, retry_after: float | None = None, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait after the ``failures``-th transient failure in a row.
+
+    Capped exponential (1 s, 2 s, 4 s ... 5 minutes) with full jitter on the upper half,
+    and never sooner than the provider's ``Retry-After``.
+    """
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** max(failures - 1, 0))
+    delay *= (rng or random).uniform(0.5, 1.0)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 24 * 3600.0))
+    return delay
+
+
+def keep_alive_at(
+    next_at: datetime | None, now: datetime, idle_refresh_days: float | None
+) -> datetime | None:
+    """``next_at``, brought forward so a refresh token that dies when idle is used in time."""
+    if idle_refresh_days is None:
+        return next_at
+    keep_alive = now + timedelta(days=idle_refresh_days)
+    return keep_alive if next_at is None or keep_alive < next_at else next_at

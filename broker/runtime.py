@@ -29,9 +29,9 @@ from .errors import EncryptionKeyError, SchemaOutOfDate
 from .integrations import Registry, default_registry
 from .plugins import load_plugins
 from .providers import integration_for
-from .refresh import next_refresh_at
-from .store import Database, Repository
-from .store.repository import utcnow
+from .refresh import keep_alive_at, next_refresh_at
+from .store.database import Database
+from .store.repository import Repository, utcnow
 
 __all__ = ["Broker"]
 
@@ -51,7 +51,9 @@ class Broker:
         self.registry = registry
         self.nodes = nodes
         self.clock: Callable[[], datetime] = utcnow
-        self.repository = Repository(keyring, clock=lambda: self.clock())
+        self.repository = Repository(
+            keyring, clock=lambda: self.clock(), webhooks=settings.webhooks
+        )
         self.tokens = Credentials(self)
         database.info["broker"] = self
 
@@ -122,14 +124,18 @@ class Broker:
             group_id, self.registry.get(name), force_refresh=force_refresh
         )
 
-    def next_refresh_at(self, now: datetime, expires_at: datetime | None) -> datetime | None:
-        if expires_at is None:
-            return None
+    def next_refresh_at(
+        self, now: datetime, expires_at: datetime | None, spec: Any = None
+    ) -> datetime | None:
+        """When the sweep should next refresh a token expiring at ``expires_at``."""
         refresh = self.settings.refresh
-        return next_refresh_at(
-            now, expires_at, interval=refresh.interval_seconds,
-            min_validity=refresh.min_validity_seconds,
-        )
+        at = None
+        if expires_at is not None:
+            at = next_refresh_at(
+                now, expires_at, interval=refresh.interval_seconds,
+                min_validity=refresh.min_validity_seconds,
+            )
+        return keep_alive_at(at, now, getattr(spec, "refresh_token_idle_refresh_days", None))
 
     async def store_token(
         self, group_id: str, name: str, auth_type: str, token: dict[str, Any],
@@ -141,7 +147,9 @@ class Broker:
             await self.repository.put(
                 db, group_id, name, token, auth_type=auth_type, hint=hint,
                 expires_at=expires_at,
-                next_refresh_at=self.next_refresh_at(self.now(), expires_at),
+                next_refresh_at=self.next_refresh_at(
+                    self.now(), expires_at, self.registry.get(name).provider
+                ),
             )
 
     async def missing(self, group_id: str, names: list[str]) -> list[str]:

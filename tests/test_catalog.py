@@ -268,3 +268,317 @@ def test_all_providers_load_together(tmp_path: Path) -> None:
     enabled: dict[str, object] = {name: enable(name) for name in PROVIDER_NAMES}
     settings = load_settings(write_config(tmp_path, enabled), env={})
     assert sorted(settings.resolved_providers) == PROVIDER_NAMES
+
+
+# --- OAuth2 (authorization code) catalog files --------------------------------------------
+# Each oauth2 file is enabled the way an operator would, with client credentials that only
+# config.yaml may hold (client_id: test-client, client_secret: test-secret), and checked for
+# what the broker relies on: https everywhere, URL templates naming declared settings, setting
+# patterns that keep a connection on the provider's own host, and the documented quirks.
+
+OAUTH2_FILES = [p for p in PROVIDER_FILES if _raw(p).get("auth_type") == "oauth2"]
+OAUTH2_NAMES = [p.stem for p in OAUTH2_FILES]
+OAUTH2_CLIENT = {"client_id": "test-client", "client_secret": "test-secret"}
+
+
+def load_oauth2(tmp_path: Path, name: str):  # -> OAuth2Provider
+    from broker.catalog import OAuth2Provider
+
+    settings = load_settings(write_config(tmp_path, {name: dict(OAUTH2_CLIENT)}), env={})
+    spec = settings.resolved_providers[name]
+    assert isinstance(spec, OAuth2Provider)
+    return spec
+
+
+def oauth2_examples(spec) -> dict[str, str]:  # spec: OAuth2Provider
+    values = {}
+    for setting_name, field in spec.settings.items():
+        assert field.example, f"{spec.name}.{setting_name}: give an example"
+        values[setting_name] = field.example
+    return values
+
+
+def test_the_oauth2_catalog_has_the_expected_providers() -> None:
+    expected = {
+        "github",
+        "google",
+        "microsoft",
+        "slack",
+        "notion",
+        "hubspot",
+        "salesforce",
+        "atlassian",
+        "zendesk",
+        "linear",
+        "dropbox",
+        "spotify",
+    }
+    assert expected <= set(OAUTH2_NAMES)
+
+
+def test_oauth2_enable_helper_supplies_client_credentials() -> None:
+    for name in OAUTH2_NAMES:
+        entry = enable(name)
+        assert entry.get("client_id") and entry.get("client_secret"), name
+
+
+@pytest.mark.parametrize("name", OAUTH2_NAMES)
+def test_oauth2_file_validates_with_client_credentials_from_config(
+    tmp_path: Path, name: str
+) -> None:
+    spec = load_oauth2(tmp_path, name)
+    assert spec.client_id.get_secret_value() == "test-client"
+    assert spec.client_secret.get_secret_value() == "test-secret"
+    assert spec.docs_url and spec.docs_url.startswith("https://")
+
+
+@pytest.mark.parametrize("name", OAUTH2_NAMES)
+def test_oauth2_urls_are_https_and_templates_name_declared_settings(
+    tmp_path: Path, name: str
+) -> None:
+    from broker.catalog import template_names
+
+    spec = load_oauth2(tmp_path, name)
+    declared = set(spec.settings)
+    values = oauth2_examples(spec)
+    for url in spec.urls():
+        assert url.startswith("https://"), url
+        assert template_names(url) <= declared, url
+        rendered = render(url, values)
+        assert not LEFTOVER_BRACES.search(rendered), rendered
+        parts = urlsplit(rendered)
+        assert parts.scheme == "https" and parts.hostname, rendered
+        assert not parts.username and not parts.password and not parts.fragment, rendered
+    if spec.issuer is not None:
+        assert spec.issuer.startswith("https://")
+
+
+@pytest.mark.parametrize("name", OAUTH2_NAMES)
+def test_oauth2_settings_are_plain_patterned_values(tmp_path: Path, name: str) -> None:
+    spec = load_oauth2(tmp_path, name)
+    for setting_name, field in spec.settings.items():
+        assert not field.secret, f"{name}.{setting_name}: settings are not secret"
+        assert field.required, f"{name}.{setting_name}: an optional setting cannot be rendered"
+        assert field.pattern, f"{name}.{setting_name}: a URL setting needs a pattern"
+        assert field.example and field.matches(field.example)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["evil.com/x", "acme.evil", "evil.com#", "a@b", "acme:443", "-acme", "acme-", "", "a/b", "x y"],
+)
+def test_zendesk_subdomain_cannot_leave_zendesk_com(tmp_path: Path, value: str) -> None:
+    field = load_oauth2(tmp_path, "zendesk").settings["subdomain"]
+    assert not field.matches(value)
+
+
+def test_zendesk_subdomain_accepts_real_labels(tmp_path: Path) -> None:
+    field = load_oauth2(tmp_path, "zendesk").settings["subdomain"]
+    for value in ("acme", "acme-support", "Acme2", "d3v"):
+        assert field.matches(value)
+
+
+@pytest.mark.parametrize("name", OAUTH2_NAMES)
+def test_oauth2_has_no_client_credentials_or_secrets_in_params(name: str) -> None:
+    raw = _raw(CATALOG / f"{name}.yaml")
+    for key in ("authorization_params", "token_params", "refresh_params"):
+        params = raw.get(key) or {}
+        assert isinstance(params, dict)
+        for param in params:
+            assert param not in ("client_id", "client_secret", "code_verifier"), (name, param)
+
+
+# name -> (auth method, body format, pkce, scope separator)
+OAUTH2_QUIRKS = {
+    "github": ("client_secret_post", "form", True, " "),
+    "google": ("client_secret_post", "form", True, " "),
+    "microsoft": ("client_secret_post", "form", True, " "),
+    "slack": ("client_secret_basic", "form", False, ","),
+    "notion": ("client_secret_basic", "json", False, " "),
+    "hubspot": ("client_secret_post", "form", True, " "),
+    "salesforce": ("client_secret_post", "form", True, " "),
+    "atlassian": ("client_secret_post", "json", False, " "),
+    "zendesk": ("client_secret_post", "json", True, " "),
+    "linear": ("client_secret_post", "form", True, ","),
+    "dropbox": ("client_secret_basic", "form", True, " "),
+    "spotify": ("client_secret_basic", "form", False, " "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OAUTH2_QUIRKS))
+def test_oauth2_documented_token_endpoint_quirks(tmp_path: Path, name: str) -> None:
+    spec = load_oauth2(tmp_path, name)
+    method, body, pkce, separator = OAUTH2_QUIRKS[name]
+    assert spec.token_endpoint_auth_method == method
+    assert spec.token_request_format == body
+    assert spec.pkce is pkce
+    assert spec.scope_separator == separator
+
+
+def test_oauth2_provider_specific_parameters(tmp_path: Path) -> None:
+    google = load_oauth2(tmp_path, "google")
+    assert google.authorization_params == {"access_type": "offline", "prompt": "consent"}
+    assert {"openid", "email", "profile"} <= set(google.default_scopes)
+    atlassian = load_oauth2(tmp_path, "atlassian")
+    assert atlassian.authorization_params["audience"] == "api.atlassian.com"
+    assert atlassian.authorization_params["prompt"] == "consent"
+    assert "offline_access" in atlassian.default_scopes
+    assert "offline_access" in load_oauth2(tmp_path, "microsoft").default_scopes
+    assert load_oauth2(tmp_path, "dropbox").authorization_params == {"token_access_type": "offline"}
+    assert load_oauth2(tmp_path, "notion").authorization_params == {"owner": "user"}
+    assert "refresh_token" in load_oauth2(tmp_path, "salesforce").default_scopes
+    slack = load_oauth2(tmp_path, "slack")
+    assert slack.token_path == "authed_user"
+    assert slack.extra_fields["team_id"] == "team.id"
+    assert " " not in slack.authorization_params["user_scope"]  # comma-separated
+    assert load_oauth2(tmp_path, "github").default_scopes == ["read:user"]
+    # Tokens without expires_in that never expire get the longest lifetime the schema allows.
+    assert load_oauth2(tmp_path, "github").default_lifetime_seconds == 90 * 86400
+
+
+@pytest.mark.parametrize("name", OAUTH2_NAMES)
+def test_oauth2_authorization_url_carries_scopes_params_and_pkce(tmp_path: Path, name: str) -> None:
+    from broker.oauth import service
+
+    spec = load_oauth2(tmp_path, name)
+    values = oauth2_examples(spec)
+    verifier = "v" * 64
+    url = service.authorization_url(
+        spec,
+        state="state-123",
+        verifier=verifier if spec.pkce else None,
+        redirect_uri="https://broker.example/oauth/callback",
+        settings=values,
+    )
+    parts = urlsplit(url)
+    expected = urlsplit(render(spec.authorization_url, values))
+    assert (parts.scheme, parts.hostname, parts.path) == (
+        expected.scheme,
+        expected.hostname,
+        expected.path,
+    )
+    query = dict(parse_qsl(parts.query))
+    assert query["client_id"] == "test-client"
+    assert query["response_type"] == "code"
+    assert query["state"] == "state-123"
+    assert query["redirect_uri"] == "https://broker.example/oauth/callback"
+    assert "client_secret" not in query
+    if spec.default_scopes:
+        assert query["scope"] == spec.scope_separator.join(spec.default_scopes)
+    else:
+        assert "scope" not in query
+    for key, value in spec.authorization_params.items():
+        assert query[key] == value
+    assert ("code_challenge" in query) is spec.pkce
+    if spec.pkce:
+        assert query["code_challenge_method"] == "S256"
+
+
+def _sample_token_response(name: str) -> dict[str, object]:
+    if name == "slack":
+        return {
+            "ok": True,
+            "app_id": "A1",
+            "authed_user": {
+                "id": "U1",
+                "scope": "users:read",
+                "access_token": "xoxp-user-token",
+                "token_type": "user",
+            },
+            "team": {"id": "T1", "name": "Acme"},
+            "enterprise": None,
+            "is_enterprise_install": False,
+        }
+    response: dict[str, object] = {
+        "access_token": f"{name}-access",
+        "token_type": "bearer",
+        "refresh_token": f"{name}-refresh",
+        "expires_in": 3600,
+    }
+    if name == "notion":
+        response.update(
+            {"bot_id": "b1", "workspace_id": "w1", "workspace_name": "Acme", "owner": {}}
+        )
+        del response["expires_in"]
+    if name == "salesforce":
+        response.update(
+            {"instance_url": "https://acme.my.salesforce.com", "id": "https://login/id/1/2"}
+        )
+        del response["expires_in"]
+    if name == "hubspot":
+        response.update({"hub_id": 62515, "expires_in": 1800})
+    return response
+
+
+@pytest.mark.parametrize("name", OAUTH2_NAMES)
+async def test_oauth2_code_exchange_request_and_stored_token(tmp_path: Path, name: str) -> None:
+    import base64
+    import json
+    from datetime import UTC, datetime
+
+    from broker.oauth import client
+    from broker.oauth.tokens import node_view, stored_token
+
+    spec = load_oauth2(tmp_path, name)
+    values = oauth2_examples(spec)
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json=_sample_token_response(name))
+
+    response = await client.exchange_code(
+        spec,
+        code="the-code",
+        code_verifier="v" * 64 if spec.pkce else None,
+        redirect_uri="https://broker.example/oauth/callback",
+        settings=values,
+        transport=httpx.MockTransport(answer),
+    )
+    assert len(sent) == 1
+    request = sent[0]
+    assert request.method == "POST"
+    assert str(request.url) == render(spec.token_url, values)
+    content_type = request.headers.get("content-type", "")
+    if spec.token_request_format == "json":
+        assert content_type.startswith("application/json")
+        body = json.loads(request.content)
+    else:
+        assert content_type.startswith("application/x-www-form-urlencoded")
+        body = dict(parse_qsl(request.content.decode()))
+    assert body["grant_type"] == "authorization_code"
+    assert body["code"] == "the-code"
+    assert ("code_verifier" in body) is spec.pkce
+    basic = "Basic " + base64.b64encode(b"test-client:test-secret").decode()
+    if spec.token_endpoint_auth_method == "client_secret_basic":
+        assert request.headers.get("authorization") == basic
+        assert "client_secret" not in body
+    else:
+        assert "authorization" not in request.headers
+        assert body["client_id"] == "test-client"
+        assert body["client_secret"] == "test-secret"
+
+    token = stored_token(
+        response,
+        now=datetime(2030, 1, 1, tzinfo=UTC),
+        default_lifetime=spec.default_lifetime_seconds,
+        token_path=spec.token_path,
+        extra_fields=spec.extra_fields,
+        settings=values,
+    )
+    view = node_view(token)
+    assert view["access_token"]
+    assert "refresh_token" not in view
+    if name == "slack":
+        assert view["access_token"] == "xoxp-user-token"
+        assert view["team_id"] == "T1" and view["user_id"] == "U1"
+        assert "enterprise_id" not in view
+    if name == "notion":
+        assert view["workspace_id"] == "w1" and view["bot_id"] == "b1"
+    if name == "salesforce":
+        assert view["instance_url"] == "https://acme.my.salesforce.com"
+        assert token["lifetime"] == 900
+    if name == "hubspot":
+        assert view["hub_id"] == 62515
+    if name == "zendesk":
+        assert view["subdomain"] == "acme"

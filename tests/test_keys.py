@@ -27,7 +27,8 @@ from broker.config import Settings
 from broker.crypto import Keyring, Sealed, generate_key, key_id, parse_key
 from broker.errors import EncryptionKeyError
 from broker.runtime import Broker
-from broker.store import Database, Repository
+from broker.store.database import Database
+from broker.store.repository import Repository
 
 INTEGRATION = "openweathermap"
 

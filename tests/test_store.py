@@ -15,8 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from broker.config import Settings
 from broker.errors import CredentialCorrupt, SchemaOutOfDate
 from broker.runtime import Broker
-from broker.store import Database
-from broker.store.database import _alembic_config
+from broker.store.database import Database, _alembic_config
 
 SECRET = "sk-live-STORE-CANARY-4e8d2b1f9a7c"
 

@@ -54,7 +54,7 @@ def check_settings(spec: OAuth2Provider, given: Mapping[str, str]) -> dict[str, 
     """The per-connection settings from ``given`` (query parameters), validated."""
     values: dict[str, str] = {}
     for name, field in spec.settings.items():
-        value = (given.get(name) or "").strip()
+        value = (given.get(name) or field.default or "").strip()
         if not value:
             if field.required:
                 raise InvalidInput(f"{field.title} is required.", field=name)

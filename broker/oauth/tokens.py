@@ -57,14 +57,20 @@ def stored_token(
     token_path: str | None = None,
     extra_fields: Mapping[str, str] | None = None,
     previous_refresh_token: str | None = None,
+    previous_extra: Mapping[str, Any] | None = None,
     settings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The credential to store from a token endpoint response.
 
     Raises ValueError (naming no value) when there is no access token.
-    Keeps ``previous_refresh_token`` when the response carries none.
+    Keeps ``previous_refresh_token`` when the response carries none, and previous extra
+    fields that a refresh response does not repeat.
     """
     token: Any = dig(response, token_path) if token_path else response
+    if token is None and token_path and "access_token" in response:
+        # Some providers nest the token in the code exchange but not in refresh responses
+        # (Slack with token rotation): a flat response is taken as it is.
+        token = response
     if not isinstance(token, Mapping):
         raise ValueError(f"token response has no {token_path!r} object")
     access_token = token.get("access_token")
@@ -83,7 +89,10 @@ def stored_token(
     if isinstance(refresh_token, str) and refresh_token:
         stored["refresh_token"] = refresh_token
     extra = {name: dig(response, path) for name, path in (extra_fields or {}).items()}
-    stored["extra"] = {k: v for k, v in extra.items() if v is not None}
+    stored["extra"] = {
+        **(previous_extra or {}),
+        **{k: v for k, v in extra.items() if v is not None},
+    }
     stored["settings"] = dict(settings or {})
     return stored
 

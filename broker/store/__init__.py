@@ -1,6 +1,2 @@
-"""Persistence: tables, migrations, and the repository that encrypts and decrypts."""
-
-from .database import Database
-from .repository import Repository
-
-__all__ = ["Database", "Repository"]
+"""Persistence: tables (``models``), migrations, ``database`` (engine, sessions, Alembic)
+and ``repository`` (the one place that encrypts and decrypts)."""

@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..crypto import Keyring
 from ..errors import CredentialCorrupt
+from ..events import record
 from .models import Connection
+
+if TYPE_CHECKING:
+    from ..config import WebhookSettings
 
 __all__ = ["ConnectionInfo", "Credential", "Repository", "RotationBatch", "utcnow"]
 
@@ -67,9 +71,15 @@ class Credential:
 
 
 class Repository:
-    def __init__(self, keyring: Keyring, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        clock: Callable[[], datetime] = utcnow,
+        webhooks: Sequence[WebhookSettings] = (),
+    ) -> None:
         self.keyring = keyring
         self.clock = clock
+        self.webhooks = webhooks
 
     async def put(
         self,
@@ -100,6 +110,11 @@ class Repository:
             "failure_count": 0,
             "last_error": None,
         }
+        previous = await db.scalar(
+            select(Connection.status).where(
+                Connection.group_id == group_id, Connection.integration == integration
+            )
+        )
         dialect = db.bind.dialect.name if db.bind is not None else "sqlite"
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         stmt = insert(Connection).values(
@@ -110,6 +125,11 @@ class Repository:
             set_={**values, "version": Connection.version + 1},
         ).returning(Connection)
         row = (await db.execute(upsert)).scalar_one()
+        kind = "recovered" if previous == "reauth_required" else "connected"
+        await record(
+            db, group_id=group_id, integration=integration, kind=kind, now=now,
+            webhooks=self.webhooks, auth_type=auth_type,
+        )
         return ConnectionInfo.of(row)
 
     async def get(self, db: AsyncSession, group_id: str, integration: str) -> Credential | None:
@@ -152,7 +172,13 @@ class Repository:
             .where(Connection.group_id == group_id, Connection.integration == integration)
             .returning(Connection.id)
         )
-        return result.first() is not None
+        removed = result.first() is not None
+        if removed:
+            await record(
+                db, group_id=group_id, integration=integration, kind="disconnected",
+                now=self.clock(), webhooks=self.webhooks,
+            )
+        return removed
 
     async def replace_if_version(
         self,
@@ -164,20 +190,25 @@ class Repository:
         *,
         expires_at: datetime | None,
         next_refresh_at: datetime | None,
+        lease_owner: str | None = None,
     ) -> ConnectionInfo | None:
-        """Store a refreshed credential only if the row is still at ``version``.
+        """Store a refreshed credential only if the row is still at ``version`` (and, with
+        ``lease_owner``, only while that owner holds the lease); release the lease.
 
         Returns the new info, or None when someone else changed the row meanwhile.
         """
         sealed = self.keyring.seal(group_id, integration, data)
+        conditions = [
+            Connection.group_id == group_id,
+            Connection.integration == integration,
+            Connection.version == version,
+        ]
+        if lease_owner is not None:
+            conditions.append(Connection.lease_owner == lease_owner)
         row = (
             await db.execute(
                 update(Connection)
-                .where(
-                    Connection.group_id == group_id,
-                    Connection.integration == integration,
-                    Connection.version == version,
-                )
+                .where(*conditions)
                 .values(
                     credential=sealed.token,
                     key_id=sealed.key_id,
@@ -196,30 +227,86 @@ class Repository:
         ).scalar_one_or_none()
         return None if row is None else ConnectionInfo.of(row)
 
-    async def set_status(
+    async def claim(
         self,
         db: AsyncSession,
         group_id: str,
         integration: str,
-        status: str,
         *,
-        last_error: str | None,
-        next_refresh_at: datetime | None = None,
-    ) -> None:
-        """Record a refresh outcome that stores no new credential."""
-        await db.execute(
-            update(Connection)
-            .where(Connection.group_id == group_id, Connection.integration == integration)
-            .values(
-                status=status,
-                last_error=last_error,
-                updated_at=self.clock(),
-                next_refresh_at=next_refresh_at,
-                failure_count=Connection.failure_count + 1,
-                lease_owner=None,
-                lease_expires_at=None,
+        owner: str,
+        until: datetime,
+    ) -> Connection | None:
+        """Take the refresh lease on one connection if it is free (or its holder's lease
+        ran out). Returns the row (with its current version) or None."""
+        now = self.clock()
+        row: Connection | None = (
+            await db.execute(
+                update(Connection)
+                .where(
+                    Connection.group_id == group_id,
+                    Connection.integration == integration,
+                    or_(Connection.lease_expires_at.is_(None), Connection.lease_expires_at < now),
+                )
+                .values(lease_owner=owner, lease_expires_at=until)
+                .returning(Connection)
+                .execution_options(synchronize_session=False)
             )
+        ).scalar_one_or_none()
+        return row
+
+    async def claim_due(
+        self, db: AsyncSession, *, owner: str, until: datetime, limit: int, skip_locked: bool
+    ) -> Sequence[tuple[str, str]]:
+        """Lease up to ``limit`` connections whose ``next_refresh_at`` has come.
+
+        The due-query walks ``ix_connections_next_refresh_at`` from the oldest due entry,
+        so its cost depends on how many are due, not on how many connections exist.
+        On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` lets replicas claim disjoint batches.
+        """
+        now = self.clock()
+        due = (
+            select(Connection.id)
+            .where(
+                Connection.next_refresh_at <= now,
+                Connection.status == "connected",
+                or_(Connection.lease_expires_at.is_(None), Connection.lease_expires_at < now),
+            )
+            .order_by(Connection.next_refresh_at)
+            .limit(limit)
         )
+        if skip_locked:
+            due = due.with_for_update(skip_locked=True)
+        rows = await db.execute(
+            update(Connection)
+            .where(Connection.id.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_expires_at=until)
+            .returning(Connection.group_id, Connection.integration)
+            .execution_options(synchronize_session=False)
+        )
+        return [(g, i) for g, i in rows.all()]
+
+    async def release(
+        self,
+        db: AsyncSession,
+        group_id: str,
+        integration: str,
+        *,
+        owner: str,
+        values: dict[str, Any] | None = None,
+    ) -> bool:
+        """Give the lease back (recording ``values``) if ``owner`` still holds it."""
+        result = await db.execute(
+            update(Connection)
+            .where(
+                Connection.group_id == group_id,
+                Connection.integration == integration,
+                Connection.lease_owner == owner,
+            )
+            .values(lease_owner=None, lease_expires_at=None, **(values or {}))
+            .returning(Connection.id)
+            .execution_options(synchronize_session=False)
+        )
+        return result.first() is not None
 
     async def _row(self, db: AsyncSession, group_id: str, integration: str) -> Connection | None:
         row: Connection | None = await db.scalar(

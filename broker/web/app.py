@@ -11,6 +11,7 @@ Routes (S: service token; C: connect session for the group; -: public):
     S C POST /groups/{group_id}/integrations/custom/{name}/disconnect  the seed's delete
     S C GET  /groups/{group_id}/integrations/{name}/authorize          the popup opens this
     S   GET  /groups/{group_id}/integrations/{name}/credentials
+    S   GET  /groups/{group_id}/events
 
 Every error is JSON: ``{"error": {"code", "message", "field"?...}}`` with a stable code.
 """
@@ -37,10 +38,12 @@ from starlette.staticfiles import StaticFiles
 
 from ..catalog import OAuth2Provider
 from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable, UnknownIntegration
+from ..events import list_events
 from ..integrations import GROUP_ID_PATTERN, INTEGRATION_PATTERN, Group, Integration, fill_group
 from ..oauth.flows import FLOW_TTL
 from ..oauth.service import FlowFailed, begin, finish
 from ..runtime import Broker
+from ..scheduler import Refresher
 from ..sessions import SessionGrant, create_session, find_session
 from .auth import ServiceTokenMiddleware, TokenSet, principal, require_group, require_service
 from .bodies import read_json_object, replay
@@ -168,6 +171,20 @@ async def credentials(request: Request) -> Response:
     force = request.query_params.get("force_refresh", "").lower() in ("1", "true", "yes")
     data = await _broker(request).credentials(group_id, integration.key, force_refresh=force)
     return JSONResponse({"credentials": data}, headers=NO_STORE)
+
+
+async def events(request: Request) -> Response:
+    require_service(request)
+    group_id = _group_id(request)
+    try:
+        limit = min(max(int(request.query_params.get("limit", "100")), 1), 1000)
+        before_text = request.query_params.get("before")
+        before = int(before_text) if before_text is not None else None
+    except ValueError:
+        raise InvalidInput("limit and before must be integers.", field="limit") from None
+    async with _broker(request).session() as db:
+        items = await list_events(db, group_id, limit=limit, before=before)
+    return JSONResponse({"group_id": group_id, "events": items}, headers=NO_STORE)
 
 
 async def create_connect_session(request: Request) -> Response:
@@ -329,15 +346,27 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(broker: Broker, *, service_tokens: list[str] | None = None) -> Starlette:
-    """The HTTP app over an open ``broker``. The caller closes the broker."""
+def create_app(
+    broker: Broker, *, service_tokens: list[str] | None = None, refresher: bool = False
+) -> Starlette:
+    """The HTTP app over an open ``broker``. The caller closes the broker.
+
+    ``refresher=True`` runs the refresh sweep while the app runs (``broker serve``).
+    """
     tokens = service_tokens
     if tokens is None:
         tokens = [t.get_secret_value() for t in broker.settings.auth.service_tokens]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
+        sweeper = Refresher(broker) if refresher else None
+        if sweeper is not None:
+            sweeper.start()
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.stop()
 
     async def find(token: str) -> SessionGrant | None:
         async with broker.session() as db:
@@ -354,6 +383,7 @@ def create_app(broker: Broker, *, service_tokens: list[str] | None = None) -> St
         ),
         Route("/groups/{group_id}/integrations/{name}/credentials", credentials),
         Route("/groups/{group_id}/integrations/{name}/authorize", authorize),
+        Route("/groups/{group_id}/events", events),
         Route("/connect-sessions", create_connect_session, methods=["POST"]),
         Route("/oauth/callback", oauth_callback),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),

@@ -1,0 +1,195 @@
+"""Events: what happened to each connection, kept in the ``events`` table and optionally
+POSTed to configured webhooks.
+
+Recorded in the same transaction as the change they describe, so none is lost. Webhook
+deliveries are outbox rows written in that transaction too, and sent by the scheduler with
+retries (capped exponential backoff) until delivered or given up after ``MAX_ATTEMPTS``.
+
+Each POST carries ``Broker-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``;
+a receiver recomputes it with ``verify_signature`` and rejects old timestamps.
+No event holds a secret: kinds, names, statuses and error codes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .store.models import Event, WebhookDelivery
+
+if TYPE_CHECKING:
+    from .config import WebhookSettings
+    from .runtime import Broker
+
+__all__ = [
+    "KINDS",
+    "deliver_due",
+    "list_events",
+    "record",
+    "sign",
+    "verify_signature",
+]
+
+log = logging.getLogger("broker.events")
+
+KINDS = (
+    "connected",
+    "refreshed",
+    "refresh_failed",
+    "reauth_required",
+    "recovered",
+    "disconnected",
+)
+MAX_ATTEMPTS = 8
+SIGNATURE_HEADER = "Broker-Signature"
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify_signature(
+    secret: str, header: str, body: bytes, *, now: int, tolerance: int = 300
+) -> bool:
+    """Whether ``header`` is a valid signature of ``body`` made within ``tolerance`` s."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs(now - timestamp) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), header)
+
+
+def delivery_backoff(attempts: int, rng: random.Random | None = None) -> float:
+    """Seconds before the next delivery attempt: 2^n, capped at 1 hour, with jitter."""
+    base = min(3600.0, 2.0 ** max(attempts, 0))
+    return base * (rng or random).uniform(0.5, 1.0)
+
+
+async def record(
+    db: AsyncSession,
+    *,
+    group_id: str,
+    integration: str,
+    kind: str,
+    now: datetime,
+    webhooks: Sequence[WebhookSettings] = (),
+    **detail: Any,
+) -> None:
+    """Add an event (and its webhook deliveries) to the caller's transaction."""
+    assert kind in KINDS, kind
+    event = Event(
+        group_id=group_id, integration=integration, kind=kind, detail=detail, created_at=now
+    )
+    db.add(event)
+    if webhooks:
+        await db.flush()
+        for hook in webhooks:
+            db.add(
+                WebhookDelivery(
+                    event_id=event.id, url=hook.url, attempts=0, next_attempt_at=now,
+                    status="pending",
+                )
+            )
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "group_id": event.group_id,
+        "integration": event.integration,
+        "kind": event.kind,
+        "detail": event.detail,
+        "created_at": event.created_at.isoformat(),
+    }
+
+
+async def list_events(
+    db: AsyncSession, group_id: str, *, limit: int = 100, before: int | None = None
+) -> list[dict[str, Any]]:
+    """A group's events, newest first."""
+    query = select(Event).where(Event.group_id == group_id)
+    if before is not None:
+        query = query.where(Event.id < before)
+    rows = await db.scalars(query.order_by(Event.id.desc()).limit(limit))
+    return [event_dict(e) for e in rows]
+
+
+async def deliver_due(broker: Broker, *, limit: int = 50) -> int:
+    """Send the webhook deliveries that are due; return how many succeeded."""
+    hooks = {h.url: h.secret.get_secret_value() for h in broker.settings.webhooks}
+    if not hooks:
+        return 0
+    now = broker.now()
+    async with broker.session() as db, db.begin():
+        # Claim: push the due rows' next attempt out, so another replica skips them.
+        due = select(WebhookDelivery.id).where(WebhookDelivery.next_attempt_at <= now)
+        due = due.order_by(WebhookDelivery.next_attempt_at).limit(limit)
+        if not broker.database.is_sqlite:
+            due = due.with_for_update(skip_locked=True)
+        claimed = (
+            await db.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(due.scalar_subquery()))
+                .values(next_attempt_at=now + timedelta(minutes=5))
+                .returning(WebhookDelivery.id, WebhookDelivery.event_id, WebhookDelivery.url,
+                           WebhookDelivery.attempts)
+            )
+        ).all()
+        events = {
+            e.id: e
+            for e in await db.scalars(
+                select(Event).where(Event.id.in_([c.event_id for c in claimed]))
+            )
+        }
+    delivered = 0
+    async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as http:
+        for delivery_id, event_id, url, attempts in claimed:
+            secret = hooks.get(url)
+            event = events.get(event_id)
+            error: str | None = None
+            if secret is None or event is None:
+                error = "webhook no longer configured"
+            else:
+                body = json.dumps(event_dict(event), separators=(",", ":")).encode()
+                headers = {
+                    "Content-Type": "application/json",
+                    SIGNATURE_HEADER: sign(secret, int(broker.now().timestamp()), body),
+                }
+                try:
+                    response = await http.post(url, content=body, headers=headers)
+                    if not response.is_success:
+                        error = f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    error = type(exc).__name__
+            attempts += 1
+            values: dict[str, Any]
+            if error is None:
+                delivered += 1
+                values = {"status": "delivered", "next_attempt_at": None, "last_error": None}
+            elif attempts >= MAX_ATTEMPTS or secret is None:
+                log.error("webhook delivery %s to %s given up: %s", delivery_id, url, error)
+                values = {"status": "failed", "next_attempt_at": None, "last_error": error}
+            else:
+                retry = broker.now() + timedelta(seconds=delivery_backoff(attempts))
+                values = {"next_attempt_at": retry, "last_error": error}
+            async with broker.session() as db, db.begin():
+                await db.execute(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.id == delivery_id)
+                    .values(attempts=attempts, **values)
+                )
+    return delivered

@@ -1,0 +1,119 @@
+"""The refresh sweep: one APScheduler job that refreshes what is due, on every replica.
+
+Every ``refresh.interval_seconds`` the sweep leases batches of connections whose
+``next_refresh_at`` has come (``Repository.claim_due``: an index range scan; ``SKIP LOCKED``
+on PostgreSQL so replicas take disjoint batches) and refreshes them through the same
+single-flight path as on-demand requests, at most ``refresh.max_concurrency`` at a time.
+Then it sends due webhook deliveries. One job, never one job per connection; APScheduler
+runs at most one instance of it at a time and coalesces missed runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from .errors import BrokerError
+from .events import deliver_due
+
+if TYPE_CHECKING:
+    from .runtime import Broker
+
+__all__ = ["Refresher", "SweepResult", "sweep"]
+
+log = logging.getLogger("broker.refresh")
+
+
+@dataclass
+class SweepResult:
+    claimed: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    delivered: int = 0
+
+
+async def sweep(broker: Broker, *, max_batches: int = 100) -> SweepResult:
+    """Refresh every connection that is due now (bounded by ``max_batches``)."""
+    result = SweepResult()
+    limit = broker.settings.refresh.max_concurrency
+    semaphore = asyncio.Semaphore(limit)
+    credentials = broker.tokens
+    lease = timedelta(seconds=60)
+
+    async def one(group_id: str, key: str) -> None:
+        async with semaphore:
+            if key not in broker.registry:
+                # The provider was disabled: stop scheduling it until it comes back.
+                async with broker.session() as db, db.begin():
+                    await broker.repository.release(
+                        db, group_id, key, owner=credentials.owner,
+                        values={"next_refresh_at": None},
+                    )
+                return
+            try:
+                await credentials.refresh(
+                    group_id, broker.registry.get(key), seen_version=None, leased=True
+                )
+                result.refreshed += 1
+            except BrokerError:
+                result.failed += 1  # recorded as an event; the connection was rescheduled
+            except Exception:
+                result.failed += 1
+                log.exception("refresh of %s/%s crashed", group_id, key)
+
+    for _ in range(max_batches):
+        async with broker.session() as db, db.begin():
+            due = await broker.repository.claim_due(
+                db,
+                owner=credentials.owner,
+                until=broker.now() + lease,
+                limit=limit * 4,
+                skip_locked=not broker.database.is_sqlite,
+            )
+        if not due:
+            break
+        result.claimed += len(due)
+        await asyncio.gather(*(one(g, k) for g, k in due))
+    result.delivered = await deliver_due(broker)
+    return result
+
+
+class Refresher:
+    """Runs ``sweep`` every ``refresh.interval_seconds`` on an AsyncIOScheduler."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(
+            self._run,
+            "interval",
+            seconds=broker.settings.refresh.interval_seconds,
+            id="broker-refresh-sweep",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=broker.now(),
+        )
+
+    async def _run(self) -> None:
+        try:
+            result = await sweep(self.broker)
+        except Exception:
+            log.exception("refresh sweep failed; it will run again")
+            return
+        if result.claimed or result.delivered:
+            log.info(
+                "sweep: %d due, %d refreshed, %d failed, %d webhooks delivered",
+                result.claimed, result.refreshed, result.failed, result.delivered,
+            )
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
