@@ -56,7 +56,7 @@ class LocalSource:
     async def credentials(
         self, group_id: str, name: str, *, force_refresh: bool = False
     ) -> dict[str, Any]:
-        return await self.broker.credentials(group_id, name)
+        return await self.broker.credentials(group_id, name, force_refresh=force_refresh)
 
     async def missing(self, group_id: str, names: list[str]) -> list[str]:
         return await self.broker.missing(group_id, names)
