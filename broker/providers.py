@@ -144,7 +144,17 @@ def _integration(
     async def status(db: AsyncSession, group: Any) -> str:
         broker = db.info["broker"]
         info = await broker.repository.info(db, str(group.id), name)
-        return "not_connected" if info is None else str(info.status)
+        if info is None:
+            return "not_connected"
+        if (
+            info.status == "connected"
+            and info.last_error is not None
+            and info.expires_at is not None
+            and info.expires_at <= broker.now()
+        ):
+            # Refreshes are failing and the token has run out: nodes cannot use it now.
+            return "unavailable"
+        return str(info.status)
 
     async def remove(db: AsyncSession, group: Any, _request: Any) -> bool:
         return await disconnect_custom_integration(db, group, name)

@@ -208,7 +208,14 @@ async def test_token_endpoint_failure_shows_an_error_page_without_the_code(
 @pytest.mark.parametrize(
     ("server_config", "provider"),
     [
-        pytest.param({}, {"token_path": "nope"}, id="token_path-names-nothing"),
+        # A flat response is taken as it is when token_path names nothing (Slack nests the
+        # token only in the code exchange), so these answers carry no token at either level.
+        pytest.param(
+            {"response_shape": "slack"}, {"token_path": "nope"}, id="token_path-names-nothing"
+        ),
+        pytest.param(
+            {"response_shape": "slack"}, {"token_path": "team.id"}, id="token_path-not-an-object"
+        ),
         pytest.param({"response_shape": "slack"}, {}, id="nested-token-without-token_path"),
     ],
 )

@@ -4,6 +4,7 @@ Routes (S: service token; C: connect session for the group; -: public):
 
     -   GET  /healthz
     -   GET  /oauth/callback                                         the OAuth2 redirect URI
+    -   GET  /connect?session=...                                    the connect page
     -   GET  /static/...
     S   POST /connect-sessions
     S C GET  /groups/{group_id}/integrations
@@ -47,6 +48,7 @@ from ..scheduler import Refresher
 from ..sessions import SessionGrant, create_session, find_session
 from .auth import ServiceTokenMiddleware, TokenSet, principal, require_group, require_service
 from .bodies import read_json_object, replay
+from .connect import connect_page
 from .pages import result_page
 from .redirects import safe_return_to
 
@@ -55,7 +57,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("broker.web")
 STATIC_DIR = Path(__file__).parent / "static"
 NO_STORE = {"Cache-Control": "no-store"}
-PUBLIC_PATHS = ["/healthz", "/oauth/callback"]
+PUBLIC_PATHS = ["/healthz", "/oauth/callback", "/connect"]
 PUBLIC_PREFIXES = ["/static/"]
 GROUP_ID_MESSAGE = (
     "Group id must be 1-128 characters: letters, digits and . _ : @ -, "
@@ -104,12 +106,11 @@ def _describe(integration: Integration, group_id: str, status: Any) -> dict[str,
             "connected" if status else "not_connected"
         ),
     }
-    fields = getattr(integration.provider, "fields", None)
-    if fields:
-        item["fields"] = {
-            name: spec.model_dump(include={"title", "secret", "required", "pattern", "example"})
-            for name, spec in fields.items()
-        }
+    public = {"title", "secret", "required", "pattern", "example", "description", "default"}
+    for kind in ("fields", "settings"):
+        specs = getattr(integration.provider, kind, None)
+        if specs:
+            item[kind] = {name: spec.model_dump(include=public) for name, spec in specs.items()}
     return item
 
 
@@ -123,13 +124,32 @@ async def list_integrations(request: Request) -> Response:
     group = Group(group_id)
     items = []
     who = principal(request)
+    needed_by = nodes_by_integration(broker.nodes)
     async with broker.session() as db:
+        stored = {c.integration: c for c in await broker.repository.list(db, group_id)}
         for integration in broker.registry:
             if who.session is not None and not who.session.allows(integration.key):
                 continue
             status = await integration.get_status(db, group)
-            items.append(_describe(integration, group_id, status))
+            item = _describe(integration, group_id, status)
+            info = stored.get(integration.key)
+            if info is not None and item["status"] != "not_connected":
+                # What may be shown of it: non-secret fields, a secret's last 4 characters.
+                item["hint"] = info.hint
+                item["updated_at"] = info.updated_at.isoformat()
+            item["needed_by"] = needed_by.get(integration.key, [])
+            items.append(item)
     return JSONResponse({"group_id": group_id, "integrations": items}, headers=NO_STORE)
+
+
+def nodes_by_integration(nodes: list[type[Any]]) -> dict[str, list[str]]:
+    """Which nodes need which integration (from each node's ``integrations``)."""
+    needed: dict[str, list[str]] = {}
+    for node in nodes:
+        label = str(getattr(node, "display_name", None) or node.__name__)
+        for name in getattr(node, "integrations", None) or []:
+            needed.setdefault(name, []).append(label)
+    return needed
 
 
 async def trigger(request: Request) -> Response:
@@ -386,6 +406,7 @@ def create_app(
         Route("/groups/{group_id}/events", events),
         Route("/connect-sessions", create_connect_session, methods=["POST"]),
         Route("/oauth/callback", oauth_callback),
+        Route("/connect", connect_page),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(

@@ -17,7 +17,7 @@ __all__ = ["PAGE_HEADERS", "result_page"]
 
 PAGE_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
     "Referrer-Policy": "no-referrer",
@@ -63,6 +63,7 @@ def result_page(
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>{title} · {name}</title>
 <link rel="stylesheet" href="/static/broker.css">
 <script type="application/json" id="broker-result">{_json_for_script(data)}</script>

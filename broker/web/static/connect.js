@@ -1,0 +1,380 @@
+// The connect page. Plain JavaScript, no build step, no network beyond the broker.
+// Reads the page's data block, lists the session's integrations through the API (the
+// session is the bearer token), and connects, reconnects and disconnects them.
+(function () {
+  "use strict";
+
+  var data = JSON.parse(document.getElementById("broker-connect").textContent);
+  var session = new URLSearchParams(window.location.search).get("session") || "";
+  var list = document.getElementById("integrations");
+  var statusLine = document.getElementById("status");
+  var popups = {}; // integration -> {window, timer, done}
+
+  var LABELS = {
+    connected: "Connected",
+    not_connected: "Not connected",
+    reauth_required: "Needs reauth",
+    unavailable: "Unavailable",
+  };
+  var AUTH = { apikey: "API key", oauth2: "OAuth 2.0", oauth2_cc: "Client credentials", basic: "Basic" };
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (key) {
+      var value = attrs[key];
+      if (value === null || value === undefined || value === false) return;
+      if (key === "text") node.textContent = value;
+      else if (key === "className") node.className = value;
+      else node.setAttribute(key, value === true ? "" : value);
+    });
+    (children || []).forEach(function (child) {
+      if (child) node.appendChild(child);
+    });
+    return node;
+  }
+
+  function say(message, kind) {
+    statusLine.hidden = !message;
+    statusLine.textContent = message || "";
+    statusLine.className = "notice" + (kind ? " " + kind : "");
+  }
+
+  function api(method, path, body) {
+    var init = { method: method, headers: { Authorization: "Bearer " + session } };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(path, init).then(function (response) {
+      return response.text().then(function (text) {
+        var json = null;
+        try { json = text ? JSON.parse(text) : null; } catch (e) { json = null; }
+        return { ok: response.ok, status: response.status, body: json };
+      });
+    });
+  }
+
+  // Tell an embedding host page (iframe parent or popup opener) what changed.
+  function notifyHost(integration, status) {
+    var message = { type: "broker:connect", integration: integration, status: status };
+    var targets = [];
+    if (window.parent && window.parent !== window) targets.push(window.parent);
+    if (window.opener && !window.opener.closed) targets.push(window.opener);
+    targets.forEach(function (target) {
+      data.allowed_origins.forEach(function (origin) {
+        try { target.postMessage(message, origin); } catch (e) { /* not that origin */ }
+      });
+    });
+  }
+
+  function initials(name) {
+    var words = name.replace(/[^A-Za-z0-9 ]/g, " ").trim().split(/\s+/);
+    var text = words.length > 1 ? words[0][0] + words[1][0] : (words[0] || "?").slice(0, 2);
+    return text.toUpperCase();
+  }
+
+  function logo(item) {
+    if (item.image) {
+      return el("img", { className: "logo", src: item.image, alt: "", width: 40, height: 40 });
+    }
+    return el("span", { className: "logo initials", "aria-hidden": "true", text: initials(item.display_name) });
+  }
+
+  // The server's pattern (Python syntax), compiled for the browser when it can be ("u"
+  // flag); when it cannot, only the server checks it.
+  function compilePattern(pattern) {
+    if (!pattern) return null;
+    try {
+      return new RegExp("^(?:" + pattern.replace(/^\^/, "").replace(/\$$/, "") + ")$", "u");
+    } catch (e) {
+      return null;
+    }
+  }
+
+  // Required and pattern checks, shown beside each field. True when all fields pass.
+  function checkFields(form, specs) {
+    var firstBad = null;
+    form.querySelectorAll("input").forEach(function (input) {
+      var spec = specs[input.name] || {};
+      var value = input.value.trim();
+      var message = "";
+      if (!value && spec.required !== false) message = spec.title + " is required.";
+      else if (value) {
+        var re = compilePattern(spec.pattern);
+        if (re && !re.test(value)) {
+          message = spec.title + " does not look right" + (spec.example ? " (like " + spec.example + ")." : ".");
+        }
+      }
+      if (message) {
+        input.setAttribute("aria-invalid", "true");
+        document.getElementById(input.id + "-error").textContent = message;
+        if (!firstBad) firstBad = input;
+      }
+    });
+    if (firstBad) firstBad.focus();
+    return firstBad === null;
+  }
+
+  function fieldInput(item, name, spec, prefix) {
+    var id = prefix + "-" + item.name + "-" + name;
+    var input = el("input", {
+      id: id,
+      name: name,
+      type: spec.secret ? "password" : "text",
+      autocomplete: spec.secret ? "new-password" : "off",
+      spellcheck: "false",
+      "aria-required": spec.required !== false ? "true" : null,
+      placeholder: spec.example || null,
+      value: spec.default || null,
+      "aria-describedby": id + "-error",
+    });
+    var error = el("p", { className: "field-error", id: id + "-error", "aria-live": "polite" });
+    return el("div", { className: "field" }, [
+      el("label", { for: id, text: spec.title + (spec.required === false ? " (optional)" : "") }),
+      input,
+      error,
+    ]);
+  }
+
+  function clearErrors(form) {
+    form.querySelectorAll(".field-error").forEach(function (p) { p.textContent = ""; });
+    form.querySelectorAll("input").forEach(function (i) { i.removeAttribute("aria-invalid"); });
+  }
+
+  function showErrors(form, error) {
+    var problems = error.errors || (error.field ? [{ field: error.field, message: error.message }] : []);
+    var shown = false;
+    problems.forEach(function (problem) {
+      var input = form.querySelector('input[name="' + CSS.escape(problem.field) + '"]');
+      if (!input) return;
+      input.setAttribute("aria-invalid", "true");
+      document.getElementById(input.id + "-error").textContent = problem.message;
+      if (!shown) input.focus();
+      shown = true;
+    });
+    if (!shown) say(error.message, "error");
+  }
+
+  function credentialForm(item) {
+    var form = el("form", { className: "connect-form", novalidate: true, "aria-label": "Connect " + item.display_name });
+    Object.keys(item.fields || {}).forEach(function (name) {
+      form.appendChild(fieldInput(item, name, item.fields[name], "field"));
+    });
+    var label = item.status === "not_connected" ? "Connect" : "Replace";
+    form.appendChild(el("button", { type: "submit", className: "primary", text: label }));
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      clearErrors(form);
+      if (!checkFields(form, item.fields || {})) return;
+      var body = {};
+      form.querySelectorAll("input").forEach(function (input) {
+        if (input.value !== "") body[input.name] = input.value;
+      });
+      var button = form.querySelector("button");
+      button.disabled = true;
+      say("Connecting " + item.display_name + "…");
+      api("POST", item.config.trigger, body).then(function (result) {
+        button.disabled = false;
+        if (result.ok) {
+          finished(item, "connected");
+        } else if (result.body && result.body.error) {
+          say("");
+          showErrors(form, result.body.error);
+        } else {
+          say("Could not connect " + item.display_name + " (HTTP " + result.status + ").", "error");
+        }
+      }, function () {
+        button.disabled = false;
+        say("Could not reach the server. Check your connection and try again.", "error");
+      });
+    });
+    return form;
+  }
+
+  function authorizeUrl(item, form) {
+    var params = new URLSearchParams();
+    params.set("session", session);
+    if (form) {
+      form.querySelectorAll("input").forEach(function (input) {
+        if (input.value !== "") params.set(input.name, input.value);
+      });
+    }
+    return item.config.trigger + "?" + params.toString();
+  }
+
+  function oauthForm(item) {
+    var form = el("form", { className: "connect-form", novalidate: true, "aria-label": "Connect " + item.display_name });
+    Object.keys(item.settings || {}).forEach(function (name) {
+      form.appendChild(fieldInput(item, name, item.settings[name], "setting"));
+    });
+    var label = item.status === "reauth_required" ? "Reconnect" : item.status === "not_connected" ? "Connect" : "Reconnect";
+    form.appendChild(el("button", { type: "submit", className: "primary", text: label }));
+    form.addEventListener("submit", function (event) {
+      // Everything up to window.open is synchronous: browsers block popups opened later.
+      event.preventDefault();
+      clearErrors(form);
+      if (!checkFields(form, item.settings || {})) return;
+      openPopup(item, authorizeUrl(item, form));
+    });
+    return form;
+  }
+
+  function openPopup(item, url) {
+    var width = item.config.width || 660;
+    var height = item.config.height || 660;
+    var left = Math.max(0, (window.screenX || 0) + (window.outerWidth - width) / 2);
+    var top = Math.max(0, (window.screenY || 0) + (window.outerHeight - height) / 2);
+    var features = "popup,width=" + width + ",height=" + height + ",left=" + left + ",top=" + top;
+    var popup = window.open(url, "broker-" + item.name, features);
+    if (!popup) {
+      // Blocked: run the flow in this window and come back here afterwards.
+      var back = window.location.pathname + window.location.search;
+      window.location.assign(url + "&return_to=" + encodeURIComponent(back));
+      return;
+    }
+    var entry = { window: popup, done: false, timer: null };
+    popups[item.name] = entry;
+    say("Finish signing in to " + item.display_name + " in the window that opened.");
+    entry.timer = window.setInterval(function () {
+      if (!popup.closed) return;
+      window.clearInterval(entry.timer);
+      // Give a message posted just before closing a moment to arrive.
+      window.setTimeout(function () {
+        if (!entry.done) {
+          say("The sign-in window for " + item.display_name + " was closed before it finished. Nothing was changed.", "error");
+        }
+      }, 300);
+    }, 400);
+  }
+
+  function onOauthResult(message) {
+    if (!message || message.type !== "broker:oauth" || typeof message.integration !== "string") return;
+    var entry = popups[message.integration];
+    if (entry) {
+      if (entry.done) return; // already reported (postMessage and the channel both deliver)
+      entry.done = true;
+    }
+    var item = { name: message.integration, display_name: displayName(message.integration) };
+    if (message.status === "connected") {
+      finished(item, "connected");
+    } else {
+      say(String(message.error || "Could not connect."), "error");
+      load();
+    }
+  }
+
+  function displayName(name) {
+    var card = document.querySelector('[data-integration="' + CSS.escape(name) + '"]');
+    return card ? card.getAttribute("data-display-name") : name;
+  }
+
+  function finished(item, status) {
+    var verb = status === "connected" ? "connected" : "disconnected";
+    say(item.display_name + " is " + verb + ".", "success");
+    notifyHost(item.name, status);
+    load();
+  }
+
+  function disconnectControls(item) {
+    var wrap = el("div", { className: "disconnect" });
+    var ask = el("button", { type: "button", className: "secondary", text: "Disconnect" });
+    var confirmBox = el("div", { className: "confirm", role: "group", "aria-label": "Confirm disconnect", hidden: true }, [
+      el("p", { text: "Disconnect " + item.display_name + "? Workflows using it will stop working until it is connected again." }),
+    ]);
+    var yes = el("button", { type: "button", className: "danger", text: "Yes, disconnect" });
+    var no = el("button", { type: "button", className: "secondary", text: "Cancel" });
+    confirmBox.appendChild(yes);
+    confirmBox.appendChild(no);
+    ask.addEventListener("click", function () {
+      ask.hidden = true;
+      confirmBox.hidden = false;
+      no.focus();
+    });
+    no.addEventListener("click", function () {
+      confirmBox.hidden = true;
+      ask.hidden = false;
+      ask.focus();
+    });
+    yes.addEventListener("click", function () {
+      yes.disabled = true;
+      api("POST", item.config.delete).then(function (result) {
+        if (result.ok) finished(item, "not_connected");
+        else say((result.body && result.body.error && result.body.error.message) || "Could not disconnect.", "error");
+      });
+    });
+    wrap.appendChild(ask);
+    wrap.appendChild(confirmBox);
+    return wrap;
+  }
+
+  function card(item) {
+    var status = item.status in LABELS ? item.status : "not_connected";
+    var heading = el("div", { className: "card-head" }, [
+      logo(item),
+      el("div", { className: "title" }, [
+        el("h2", { text: item.display_name }),
+        el("p", { className: "auth", text: AUTH[item.auth_type] || item.auth_type }),
+      ]),
+      el("span", { className: "badge " + status, text: LABELS[status] }),
+    ]);
+    var body = [heading];
+    if (item.needed_by && item.needed_by.length) {
+      body.push(el("p", { className: "needed", text: "Needed by: " + item.needed_by.join(", ") }));
+    }
+    if (item.hint && Object.keys(item.hint).length) {
+      var parts = Object.keys(item.hint).map(function (k) { return k.replace(/_/g, " ") + " " + item.hint[k]; });
+      body.push(el("p", { className: "hint", text: parts.join(" · ") }));
+    }
+    if (status === "reauth_required") {
+      body.push(el("p", { className: "notice warning", text: item.display_name + " stopped accepting the saved sign-in. Reconnect it to keep workflows running." }));
+    }
+    if (status === "unavailable") {
+      body.push(el("p", { className: "notice warning", text: item.display_name + " is not answering right now; the broker keeps retrying." }));
+    }
+    var needsForm = status === "not_connected" || status === "reauth_required" || item.auth_type !== "oauth2";
+    if (item.auth_type === "oauth2") {
+      body.push(oauthForm(item));
+    } else if (needsForm && (item.fields && Object.keys(item.fields).length)) {
+      if (status === "not_connected") {
+        body.push(credentialForm(item));
+      } else {
+        var details = el("details", {}, [el("summary", { text: "Replace the saved credential" }), credentialForm(item)]);
+        body.push(details);
+      }
+    }
+    if (status !== "not_connected") body.push(disconnectControls(item));
+    return el("li", { className: "card", "data-integration": item.name, "data-display-name": item.display_name, "data-status": status }, body);
+  }
+
+  function load() {
+    return api("GET", "/groups/" + encodeURIComponent(data.group_id) + "/integrations").then(function (result) {
+      if (!result.ok) {
+        var message = result.status === 401
+          ? "This link has expired. Go back to the app and open the integrations page again."
+          : "Could not load the integrations (HTTP " + result.status + ").";
+        list.replaceChildren();
+        say(message, "error");
+        return;
+      }
+      list.replaceChildren.apply(list, result.body.integrations.map(card));
+      document.body.setAttribute("data-loaded", "true");
+    }, function () {
+      say("Could not reach the server. Check your connection and try again.", "error");
+    });
+  }
+
+  window.addEventListener("message", function (event) {
+    // Only the broker's own pages (the popup's result page) may report a result; this
+    // also refuses the "null" origin of sandboxed frames and data: URLs.
+    if (event.origin !== data.origin) return;
+    onOauthResult(event.data);
+  });
+  if ("BroadcastChannel" in window) {
+    // Same-origin fallback when the provider's Cross-Origin-Opener-Policy severed the opener.
+    new BroadcastChannel("broker:oauth").addEventListener("message", function (event) {
+      onOauthResult(event.data);
+    });
+  }
+
+  load();
+})();
