@@ -151,6 +151,9 @@ def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None
                 uvicorn.Config(
                     app, host=host, port=port, log_level=settings.log_level,
                     proxy_headers=False, server_header=False,
+                    # uvicorn's access log prints query strings: ?session=bcs_... (a live
+                    # connect session) and the callback's ?code=...&state=....
+                    access_log=False,
                 )
             )
             log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)

@@ -32,9 +32,11 @@ import asyncio
 import logging
 import os
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .cache import CredentialCache, Entry
 from .catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
 from .errors import (
     IntegrationNeedsReauth,
@@ -79,19 +81,42 @@ class Credentials:
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self._operator_errors_logged: set[str] = set()
+        self.cache = CredentialCache(broker)
 
     # --- handing out ---------------------------------------------------------------------
 
     async def get(
-        self, group_id: str, integration: Integration, *, force_refresh: bool = False
+        self,
+        group_id: str,
+        integration: Integration,
+        *,
+        force_refresh: bool = False,
+        use_cache: bool = True,
     ) -> dict[str, Any]:
+        """What a node gets (see the module doc). ``use_cache=False`` always reads the row."""
         key = integration.key
+        if use_cache and not force_refresh:
+            entry = self.cache.get((group_id, key))
+            if entry is not None:
+                if entry.auth_type not in TOKEN_TYPES:
+                    return dict(entry.data)
+                if entry.status == "reauth_required":
+                    raise IntegrationNeedsReauth(key, integration.name)
+                if not self._stale(entry.data):
+                    return node_view(entry.data)
+        read_started = time.monotonic()
         async with self.broker.session() as db:
             found = await self.broker.repository.get(db, group_id, key)
         if found is None:
             raise IntegrationNotConnected([key], group_id)
+        if use_cache:
+            self.cache.put(
+                (group_id, key),
+                Entry(found.info.version, found.info.auth_type, found.info.status, found.data),
+                read_started=read_started,
+            )
         if found.info.auth_type not in TOKEN_TYPES:
-            return found.data
+            return dict(found.data)
         if found.info.status == "reauth_required":
             raise IntegrationNeedsReauth(key, integration.name)
         token = found.data
@@ -163,9 +188,11 @@ class Credentials:
         while True:
             row: Connection | None
             if leased:
-                async with broker.session() as db:
-                    row = await db.scalar(
-                        _select_row(group_id, key).where(Connection.lease_owner == self.owner)
+                # The sweep's lease may have been taken long before this turn: renew it so
+                # it outlasts the token request, or take the normal path if it ran out.
+                async with broker.session() as db, db.begin():
+                    row = await _renew_lease(
+                        db, group_id, key, self.owner, broker.now(), timedelta(seconds=lease)
                     )
                 leased = False
             else:
@@ -219,6 +246,9 @@ class Credentials:
         ):
             await self._release(group_id, key, {})
             return old
+        # The provider's clock for ``expires_in`` starts before its answer reaches us:
+        # count from the request, so a slow answer never makes a token look longer-lived.
+        requested_at = broker.now()
         try:
             response = await self._token_request(integration, old)
         except TokenEndpointError as exc:
@@ -229,7 +259,7 @@ class Credentials:
         try:
             token = stored_token(
                 response,
-                now=now,
+                now=requested_at,
                 default_lifetime=spec.default_lifetime_seconds,
                 token_path=spec.token_path,
                 extra_fields=spec.extra_fields,
@@ -250,7 +280,7 @@ class Credentials:
             stored = await broker.repository.replace_if_version(
                 db, group_id, key, row.version, token,
                 expires_at=expires_at,
-                next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
+                next_refresh_at=broker.next_refresh_at(requested_at, expires_at, spec),
                 lease_owner=self.owner,
             )
             if stored is not None:
@@ -373,3 +403,27 @@ def _select_row(group_id: str, key: str) -> Any:
     return select(Connection).where(
         Connection.group_id == group_id, Connection.integration == key
     ).execution_options(populate_existing=True)
+
+
+async def _renew_lease(
+    db: Any, group_id: str, key: str, owner: str, now: datetime, lease: timedelta
+) -> Connection | None:
+    """Push ``owner``'s still-running lease out to ``now + lease``; the row, or None when
+    ``owner`` no longer holds a live lease on it."""
+    from sqlalchemy import update
+
+    row: Connection | None = (
+        await db.execute(
+            update(Connection)
+            .where(
+                Connection.group_id == group_id,
+                Connection.integration == key,
+                Connection.lease_owner == owner,
+                Connection.lease_expires_at > now,
+            )
+            .values(lease_expires_at=now + lease)
+            .returning(Connection)
+            .execution_options(synchronize_session=False)
+        )
+    ).scalar_one_or_none()
+    return row

@@ -95,6 +95,8 @@ async def record(
         group_id=group_id, integration=integration, kind=kind, detail=detail, created_at=now
     )
     db.add(event)
+    # Read by the session's after_commit hook: the credential cache drops these keys.
+    db.info.setdefault("broker.changed", set()).add((group_id, integration))
     if webhooks:
         await db.flush()
         for hook in webhooks:

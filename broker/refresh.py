@@ -59,7 +59,8 @@ def backoff(
     Capped exponential (1 s, 2 s, 4 s ... 5 minutes) with full jitter on the upper half,
     and never sooner than the provider's ``Retry-After``.
     """
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** max(failures - 1, 0))
+    # The exponent is clamped: 2.0 ** 1024 overflows, and failures keep counting for days.
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(max(failures - 1, 0), 32))
     delay *= (rng or random).uniform(0.5, 1.0)
     if retry_after is not None:
         delay = max(delay, min(retry_after, 24 * 3600.0))

@@ -99,6 +99,7 @@ class Broker:
         return broker
 
     async def close(self) -> None:
+        await self.tokens.cache.close()
         await self.database.dispose()
         if Broker._current is self:
             Broker._current = None

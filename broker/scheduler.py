@@ -43,7 +43,12 @@ async def sweep(broker: Broker, *, max_batches: int = 100) -> SweepResult:
     limit = broker.settings.refresh.max_concurrency
     semaphore = asyncio.Semaphore(limit)
     credentials = broker.tokens
-    lease = timedelta(seconds=60)
+    # As long as the longest per-refresh lease (2 x token timeout + 5 s), not a fixed minute:
+    # rows a crashed sweeper had claimed are free again about as soon as its requests would
+    # have timed out. Each refresh renews its lease when its turn comes.
+    lease = timedelta(
+        seconds=max((credentials._lease_seconds(i) for i in broker.registry), default=60.0)
+    )
 
     async def one(group_id: str, key: str) -> None:
         async with semaphore:

@@ -42,7 +42,7 @@ def lifetime_seconds(expires_in: Any, default: int) -> int:
     """The lifetime to assume for a token, per the module's rule."""
     try:
         value = float(expires_in)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range
         return default
     if not math.isfinite(value) or value <= 0:
         return default

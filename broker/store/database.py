@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 
 from .models import Connection
 
@@ -51,9 +52,11 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        # Shared with every session: how the integration API finds its broker from ``db``.
+        # Copied into every session: how the integration API finds its broker from ``db``.
         self.info: dict[str, Any] = dict(info or {})
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, info=self.info)
+        self.sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, info=self.info, sync_session_class=BrokerSession
+        )
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -97,6 +100,23 @@ class Database:
                 select(Connection.key_id, func.count()).group_by(Connection.key_id)
             )
             return {key: count for key, count in rows.all()}
+
+
+class BrokerSession(Session):
+    """The broker's sessions: after a commit, tell the credential cache what changed."""
+
+
+@event.listens_for(BrokerSession, "after_commit")
+def _after_commit(session: Session) -> None:
+    changed = session.info.pop("broker.changed", None)
+    broker = session.info.get("broker")
+    if changed and broker is not None:
+        broker.tokens.cache.invalidate(changed)
+
+
+@event.listens_for(BrokerSession, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop("broker.changed", None)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
