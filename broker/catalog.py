@@ -15,6 +15,7 @@ import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -217,6 +218,14 @@ class OAuth2Provider(ProviderBase, _TokenEndpoint):
                 raise ValueError(
                     f"URL {url!r} names {sorted(missing)}, which are not declared under settings"
                 )
+            unchecked = [n for n in names if self.settings[n].pattern is None]
+            if unchecked:
+                # A user-supplied value in a URL could point the token request (and the
+                # client secret) at another host: it must be held to a pattern.
+                raise ValueError(
+                    f"URL {url!r} uses settings {sorted(unchecked)} that have no pattern; "
+                    "give each a pattern (e.g. ^[a-z0-9-]{1,63}$ for a subdomain)"
+                )
             optional = [
                 n for n in names if not (self.settings[n].required or self.settings[n].default)
             ]
@@ -268,6 +277,12 @@ def template_names(template: str) -> set[str]:
 def render(template: str, values: Mapping[str, str]) -> str:
     """Fill ``{name}`` placeholders; a missing name raises KeyError naming it."""
     return template.format_map(dict(values))
+
+
+def render_url(template: str, values: Mapping[str, str]) -> str:
+    """Fill ``{name}`` placeholders in a URL with percent-encoded values, so a value can
+    never add a path, a port, credentials or a host of its own."""
+    return template.format_map({k: quote(str(v), safe="") for k, v in values.items()})
 
 
 def builtin_catalog_dir() -> Path:

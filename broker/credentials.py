@@ -36,9 +36,12 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select, update
+
 from .cache import CredentialCache, Entry
 from .catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
 from .errors import (
+    CredentialCorrupt,
     IntegrationNeedsReauth,
     IntegrationNotConnected,
     IntegrationUnavailable,
@@ -105,8 +108,12 @@ class Credentials:
                 if not self._stale(entry.data):
                     return node_view(entry.data)
         read_started = time.monotonic()
-        async with self.broker.session() as db:
-            found = await self.broker.repository.get(db, group_id, key)
+        try:
+            async with self.broker.session() as db:
+                found = await self.broker.repository.get(db, group_id, key)
+        except CredentialCorrupt:
+            await self._mark_corrupt(group_id, key)
+            raise
         if found is None:
             raise IntegrationNotConnected([key], group_id)
         if use_cache:
@@ -119,6 +126,8 @@ class Credentials:
             return dict(found.data)
         if found.info.status == "reauth_required":
             raise IntegrationNeedsReauth(key, integration.name)
+        if found.info.status == "corrupt":
+            raise CredentialCorrupt(f"connection {key!r} of group {group_id!r} is corrupt")
         token = found.data
         if force_refresh or self._stale(token):
             token = await self.refresh(
@@ -129,6 +138,31 @@ class Credentials:
     def _stale(self, token: dict[str, Any]) -> bool:
         min_validity = float(self.broker.settings.refresh.min_validity_seconds)
         return is_stale(token, self.broker.now(), min_validity)
+
+    async def _mark_corrupt(self, group_id: str, key: str) -> None:
+        """An operator-level error naming the connection (never its contents); the row is
+        marked ``corrupt`` so the list shows it and the sweep leaves it alone."""
+        log.error(
+            "stored credential of connection %s/%s does not decrypt or belongs to another "
+            "connection: check encryption_keys; the user must reconnect if the data is lost",
+            group_id, key,
+        )
+        async with self.broker.session() as db, db.begin():
+            result = await db.execute(
+                update(Connection)
+                .where(
+                    Connection.group_id == group_id,
+                    Connection.integration == key,
+                    Connection.status != "corrupt",
+                )
+                .values(status="corrupt", next_refresh_at=None, updated_at=self.broker.now())
+                .returning(Connection.id)
+            )
+            if result.first() is not None:
+                await record(
+                    db, group_id=group_id, integration=key, kind="corrupt",
+                    now=self.broker.now(), webhooks=self.broker.settings.webhooks,
+                )
 
     # --- refreshing ----------------------------------------------------------------------
 
@@ -233,7 +267,12 @@ class Credentials:
         """We hold the lease on ``row``: refresh it unless someone just did."""
         broker = self.broker
         key = integration.key
-        old = broker.keyring.open(group_id, key, row.credential)
+        try:
+            old = broker.keyring.open(group_id, key, row.credential)
+        except CredentialCorrupt:
+            await self._release(group_id, key, {})
+            await self._mark_corrupt(group_id, key)
+            raise
         refreshed_meanwhile = seen_version is not None and row.version != seen_version
         if row.status != "connected":
             await self._release(group_id, key, {})
@@ -244,6 +283,16 @@ class Credentials:
         if not force and seen_version is not None and not self._stale(old) and (
             row.next_refresh_at is None or row.next_refresh_at > broker.now()
         ):
+            await self._release(group_id, key, {})
+            return old
+        now = broker.now()
+        if (
+            not force and seen_version is not None and row.failure_count
+            and row.next_refresh_at is not None and row.next_refresh_at > now
+            and (expiry(old) or now) > now
+        ):
+            # Backing off after a failed refresh (or told Retry-After): a still-valid token
+            # is handed out without asking the provider again on every call.
             await self._release(group_id, key, {})
             return old
         # The provider's clock for ``expires_in`` starts before its answer reaches us:
@@ -341,7 +390,13 @@ class Credentials:
         key = integration.key
         now = broker.now()
         error = exc.error or (f"http_{exc.status}" if exc.status else "no_response")
-        if exc.outcome == Outcome.reauth:
+        outcome = exc.outcome
+        if outcome == Outcome.operator and isinstance(
+            integration.provider, OAuth2ClientCredentialsProvider
+        ):
+            # Client credentials are the user's, not the operator's: they must fix them.
+            outcome = Outcome.reauth
+        if outcome == Outcome.reauth:
             # Another replica may have rotated the refresh token under us (a lease that ran
             # out): re-read once before giving up on the grant.
             async with broker.session() as db:
@@ -365,7 +420,7 @@ class Credentials:
                 )
             raise IntegrationNeedsReauth(key, integration.name) from None
 
-        if exc.outcome == Outcome.operator:
+        if outcome == Outcome.operator:
             provider = key
             if provider not in self._operator_errors_logged:
                 self._operator_errors_logged.add(provider)
@@ -398,8 +453,6 @@ class Credentials:
 
 
 def _select_row(group_id: str, key: str) -> Any:
-    from sqlalchemy import select
-
     return select(Connection).where(
         Connection.group_id == group_id, Connection.integration == key
     ).execution_options(populate_existing=True)

@@ -49,6 +49,7 @@ KINDS = (
     "reauth_required",
     "recovered",
     "disconnected",
+    "corrupt",
 )
 MAX_ATTEMPTS = 8
 SIGNATURE_HEADER = "Broker-Signature"

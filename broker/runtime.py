@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -50,7 +50,10 @@ class Broker:
         self.database = database
         self.registry = registry
         self.nodes = nodes
-        self.clock: Callable[[], datetime] = utcnow
+        # The database's clock, as seen from here: every replica of a PostgreSQL deployment
+        # then agrees on when a token expires, whatever its own clock says.
+        self.clock_offset = timedelta(0)
+        self.clock: Callable[[], datetime] = lambda: utcnow() + self.clock_offset
         self.repository = Repository(
             keyring, clock=lambda: self.clock(), webhooks=settings.webhooks
         )
@@ -95,8 +98,27 @@ class Broker:
             await database.dispose()
             raise
         broker = cls(settings, keyring, database, registry, nodes)
+        await broker.calibrate_clock()
         Broker._current = broker
         return broker
+
+    async def calibrate_clock(self) -> timedelta:
+        """Measure this machine's clock against PostgreSQL's (SQLite shares the machine's)."""
+        if self.database.is_sqlite:
+            return self.clock_offset
+        before = utcnow()
+        server = await self.database.server_time()
+        after = utcnow()
+        offset = server - (before + (after - before) / 2)
+        if abs(offset.total_seconds()) > 1 and abs(
+            (offset - self.clock_offset).total_seconds()
+        ) > 1:
+            log.warning(
+                "this machine's clock is %.1f s off the database's; using the database's",
+                -offset.total_seconds(),
+            )
+        self.clock_offset = offset
+        return offset
 
     async def close(self) -> None:
         await self.tokens.cache.close()

@@ -106,6 +106,7 @@ class Refresher:
 
     async def _run(self) -> None:
         try:
+            await self.broker.calibrate_clock()
             result = await sweep(self.broker)
         except Exception:
             log.exception("refresh sweep failed; it will run again")

@@ -24,14 +24,14 @@ async def connect(broker: Broker, group: str, key: str) -> None:
         await register_custom_integration(db, Group(group), "openweathermap", {"api_key": key})
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float) -> float:
-    """Seconds until ``await predicate()`` is true (fails after ``timeout``)."""
+async def wait_until(predicate: Callable[[], Any], limit: float) -> float:
+    """Seconds until ``await predicate()`` is true (fails after ``limit`` seconds)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
+    while time.monotonic() - start < limit:
         if await predicate():
             return time.monotonic() - start
         await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {timeout} s")
+    raise AssertionError(f"not true within {limit} s")
 
 
 @pytest.fixture

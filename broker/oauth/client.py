@@ -23,7 +23,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider, render
+from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider, render_url
 from ..errors import TokenEndpointError
 from .decisions import classify, safe_error_code
 
@@ -158,7 +158,7 @@ async def exchange_code(
 
     async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
         token: Mapping[str, Any] = await client.fetch_token(
-            render(spec.token_url, settings),
+            render_url(spec.token_url, settings),
             grant_type="authorization_code",
             code=code,
             redirect_uri=redirect_uri,
@@ -185,7 +185,7 @@ async def refresh(
 ) -> dict[str, Any]:
     """The token response for a refresh token."""
     assert spec.client_id is not None
-    url = render(spec.refresh_url or spec.token_url, settings)
+    url = render_url(spec.refresh_url or spec.token_url, settings)
 
     async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
         token: Mapping[str, Any] = await client.refresh_token(

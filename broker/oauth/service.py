@@ -18,7 +18,7 @@ import httpx
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from ..catalog import OAuth2Provider, render
+from ..catalog import OAuth2Provider, render_url
 from ..errors import BrokerError, InvalidInput, TokenEndpointError
 from . import client
 from .flows import consume_flow, hash_secret, new_verifier, start_flow
@@ -27,7 +27,7 @@ from .tokens import stored_token
 if TYPE_CHECKING:
     from ..runtime import Broker
 
-__all__ = ["FlowFailed", "FlowResult", "begin", "check_settings", "finish"]
+__all__ = ["FlowFailed", "FlowResult", "begin", "check_settings", "finish", "flow_cookie"]
 
 MAX_PARAM = 4096
 
@@ -48,6 +48,12 @@ class FlowResult:
     display_name: str
     group_id: str
     return_to: str | None
+
+
+def flow_cookie(state: str) -> str:
+    """The name of the cookie binding the flow for ``state`` to its browser (one per flow,
+    so two sign-ins started in one browser do not overwrite each other's)."""
+    return "broker_flow_" + hash_secret(state)[:16]
 
 
 def check_settings(spec: OAuth2Provider, given: Mapping[str, str]) -> dict[str, str]:
@@ -76,7 +82,7 @@ def authorization_url(
         params["code_challenge"] = create_s256_code_challenge(verifier)
         params["code_challenge_method"] = "S256"
     uri: str = prepare_grant_uri(
-        render(spec.authorization_url, settings),
+        render_url(spec.authorization_url, settings),
         client_id=spec.client_id.get_secret_value(),
         response_type="code",
         redirect_uri=redirect_uri,
@@ -96,8 +102,8 @@ async def begin(
     query: Mapping[str, str],
     return_to: str | None,
     browser_nonce: str,
-) -> str:
-    """Record a flow and return the provider's authorization URL."""
+) -> tuple[str, str]:
+    """Record a flow; return the provider's authorization URL and the flow's state."""
     settings = check_settings(spec, query)
     verifier = new_verifier() if spec.pkce else None
     async with broker.session() as db, db.begin():
@@ -114,13 +120,14 @@ async def begin(
             issuer=spec.issuer,
             now=broker.now(),
         )
-    return authorization_url(
+    url = authorization_url(
         spec,
         state=state,
         verifier=verifier,
         redirect_uri=broker.settings.redirect_uri,
         settings=settings,
     )
+    return url, state
 
 
 def _single(params: Mapping[str, list[str]], name: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,13 @@ class Database:
                 )
                 or 0
             )
+
+    async def server_time(self) -> datetime:
+        """The database server's current time (UTC)."""
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(text("SELECT clock_timestamp()"))).scalar_one()
+        assert isinstance(value, datetime)
+        return value.astimezone(UTC)
 
     async def has_tables(self) -> bool:
         async with self.engine.connect() as conn:

@@ -3,6 +3,7 @@
 Routes (S: service token; C: connect session for the group; -: public):
 
     -   GET  /healthz
+    -   GET  /openapi.json
     -   GET  /oauth/callback                                         the OAuth2 redirect URI
     -   GET  /connect?session=...                                    the connect page
     -   GET  /static/...
@@ -42,13 +43,15 @@ from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable, Unkn
 from ..events import list_events
 from ..integrations import GROUP_ID_PATTERN, INTEGRATION_PATTERN, Group, Integration, fill_group
 from ..oauth.flows import FLOW_TTL
-from ..oauth.service import FlowFailed, begin, finish
+from ..oauth.service import FlowFailed, begin, finish, flow_cookie
 from ..runtime import Broker
 from ..scheduler import Refresher
 from ..sessions import SessionGrant, create_session, find_session
+from .accesslog import AccessLog
 from .auth import ServiceTokenMiddleware, TokenSet, principal, require_group, require_service
 from .bodies import read_json_object, replay
 from .connect import connect_page
+from .openapi import openapi
 from .pages import result_page
 from .redirects import safe_return_to
 
@@ -57,13 +60,12 @@ __all__ = ["create_app"]
 log = logging.getLogger("broker.web")
 STATIC_DIR = Path(__file__).parent / "static"
 NO_STORE = {"Cache-Control": "no-store"}
-PUBLIC_PATHS = ["/healthz", "/oauth/callback", "/connect"]
+PUBLIC_PATHS = ["/healthz", "/openapi.json", "/oauth/callback", "/connect"]
 PUBLIC_PREFIXES = ["/static/"]
 GROUP_ID_MESSAGE = (
     "Group id must be 1-128 characters: letters, digits and . _ : @ -, "
     "starting with a letter or digit."
 )
-FLOW_COOKIE = "broker_flow"
 
 
 def _broker(request: Request) -> Broker:
@@ -116,6 +118,10 @@ def _describe(integration: Integration, group_id: str, status: Any) -> dict[str,
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi(_broker(request).settings.public_url))
 
 
 async def list_integrations(request: Request) -> Response:
@@ -263,7 +269,7 @@ async def authorize(request: Request) -> Response:
         return_to = _return_to(broker, request.query_params.get("return_to"))
         who = principal(request)
         nonce = secrets.token_urlsafe(32)
-        url = await begin(
+        url, state = await begin(
             broker,
             spec,
             group_id=group_id,
@@ -285,7 +291,7 @@ async def authorize(request: Request) -> Response:
     response = RedirectResponse(url, status_code=302, headers={"Referrer-Policy": "no-referrer"})
     response.headers["Cache-Control"] = "no-store"
     response.set_cookie(
-        FLOW_COOKIE,
+        flow_cookie(state),
         nonce,
         max_age=int(FLOW_TTL.total_seconds()),
         path="/oauth/callback",
@@ -301,8 +307,9 @@ async def oauth_callback(request: Request) -> Response:
     params: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
         params.setdefault(key, []).append(value)
+    cookie = flow_cookie(request.query_params.get("state") or "")
     try:
-        result = await finish(broker, params, browser_nonce=request.cookies.get(FLOW_COOKIE))
+        result = await finish(broker, params, browser_nonce=request.cookies.get(cookie))
     except FlowFailed as exc:
         integration = broker.registry.get(exc.integration) if (
             exc.integration and exc.integration in broker.registry
@@ -326,7 +333,7 @@ async def oauth_callback(request: Request) -> Response:
             targets=_targets(broker),
             return_to=result.return_to,
         )
-    response.delete_cookie(FLOW_COOKIE, path="/oauth/callback")
+    response.delete_cookie(cookie, path="/oauth/callback")
     return response
 
 
@@ -394,6 +401,7 @@ def create_app(
 
     routes = [
         Route("/healthz", healthz),
+        Route("/openapi.json", openapi_json),
         Route("/groups/{group_id}/integrations", list_integrations),
         Route("/groups/{group_id}/integrations/custom/{name}", trigger, methods=["POST"]),
         Route(
@@ -412,6 +420,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(AccessLog),
             Middleware(
                 ServiceTokenMiddleware,
                 TokenSet(tokens),
@@ -419,6 +428,15 @@ def create_app(
                 public_prefixes=PUBLIC_PREFIXES,
                 find_session=find,
                 clock=broker.now,
+                unauthorized_page=lambda message: result_page(
+                    integration=None,
+                    display_name=None,
+                    status="error",
+                    message=message,
+                    targets=_targets(broker),
+                    return_to=None,
+                    status_code=401,
+                ),
             )
         ],
         exception_handlers={

@@ -25,11 +25,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import Forbidden, NotFound, Unauthorized
 from ..sessions import SESSION_PREFIX, SessionGrant
 
 __all__ = ["Principal", "ServiceTokenMiddleware", "TokenSet", "require_group", "require_service"]
 
+NOT_FOUND_MESSAGE = "Not found."
 SessionLookup = Callable[[str], Awaitable[SessionGrant | None]]
 
 
@@ -73,6 +74,7 @@ class ServiceTokenMiddleware:
         public_prefixes: Iterable[str] = (),
         find_session: SessionLookup | None = None,
         clock: Callable[[], datetime] | None = None,
+        unauthorized_page: Callable[[str], ASGIApp] | None = None,
     ) -> None:
         self.app = app
         self.tokens = tokens
@@ -80,6 +82,7 @@ class ServiceTokenMiddleware:
         self.public_prefixes = tuple(public_prefixes)
         self.find_session = find_session
         self.clock = clock
+        self.unauthorized_page = unauthorized_page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -91,6 +94,12 @@ class ServiceTokenMiddleware:
             await self.app(scope, receive, send)
             return
         principal, problem = await self._resolve(scope)
+        if principal is None and self.unauthorized_page is not None and path.endswith(
+            "/authorize"
+        ):
+            # A popup opened this: show the result page (it tells the opener) not JSON.
+            await self.unauthorized_page(problem)(scope, receive, send)
+            return
         if principal is None:
             error = Unauthorized(problem)
             response = JSONResponse(
@@ -136,12 +145,16 @@ def require_service(request: Request) -> None:
 
 
 def require_group(request: Request, group_id: str, integration: str | None = None) -> None:
-    """A connect session may act only on its own group (and its allowed integrations)."""
+    """A connect session may act only on its own group (and its allowed integrations).
+
+    Anything else answers exactly what a group or connection that does not exist answers
+    (404 ``not_found``), so a session learns nothing about other groups.
+    """
     who = principal(request)
     if who.kind == "service":
         return
     assert who.session is not None
-    if who.session.group_id != group_id:
-        raise Forbidden("This connect session is for another group.")
-    if integration is not None and not who.session.allows(integration):
-        raise Forbidden("This connect session does not cover this integration.")
+    if who.session.group_id != group_id or (
+        integration is not None and not who.session.allows(integration)
+    ):
+        raise NotFound(NOT_FOUND_MESSAGE)

@@ -232,6 +232,10 @@
       window.location.assign(url + "&return_to=" + encodeURIComponent(back));
       return;
     }
+    // A second click reuses the named window: retire the first watcher, or it would report
+    // "closed before it finished" when the (new) flow's window closes after succeeding.
+    var previous = popups[item.name];
+    if (previous) window.clearInterval(previous.timer);
     var entry = { window: popup, done: false, timer: null };
     popups[item.name] = entry;
     say("Finish signing in to " + item.display_name + " in the window that opened.");
@@ -247,13 +251,23 @@
     }, 400);
   }
 
-  function onOauthResult(message) {
+  // source: the window that posted the result, or null when it came on the channel.
+  function onOauthResult(message, source) {
     if (!message || message.type !== "broker:oauth" || typeof message.integration !== "string") return;
     var entry = popups[message.integration];
-    if (entry) {
-      if (entry.done) return; // already reported (postMessage and the channel both deliver)
-      entry.done = true;
+    if (entry && entry.done) return; // already reported (postMessage and the channel both deliver)
+    // Ours: posted by the very window this page opened, or on the channel once that window
+    // is out of reach (a Cross-Origin-Opener-Policy severs it and it then reads as closed).
+    var ours = entry && (source ? source === entry.window : entry.window.closed);
+    if (!ours) {
+      // Another tab's flow (maybe another group's, on the shared channel) or one from
+      // before a reload: not this page's to announce or to tell the host about. The
+      // server has the truth, so just refresh the list.
+      refreshSoon();
+      return;
     }
+    entry.done = true;
+    window.clearInterval(entry.timer);
     var item = { name: message.integration, display_name: displayName(message.integration) };
     if (message.status === "connected") {
       finished(item, "connected");
@@ -261,6 +275,12 @@
       say(String(message.error || "Could not connect."), "error");
       load();
     }
+  }
+
+  var refreshTimer = null;
+  function refreshSoon() {
+    window.clearTimeout(refreshTimer);
+    refreshTimer = window.setTimeout(load, 100);
   }
 
   function displayName(name) {
@@ -367,12 +387,12 @@
     // Only the broker's own pages (the popup's result page) may report a result; this
     // also refuses the "null" origin of sandboxed frames and data: URLs.
     if (event.origin !== data.origin) return;
-    onOauthResult(event.data);
+    onOauthResult(event.data, event.source);
   });
   if ("BroadcastChannel" in window) {
     // Same-origin fallback when the provider's Cross-Origin-Opener-Policy severed the opener.
     new BroadcastChannel("broker:oauth").addEventListener("message", function (event) {
-      onOauthResult(event.data);
+      onOauthResult(event.data, null);
     });
   }
 

@@ -1,0 +1,248 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
+
+Written by hand next to the routes (they are few), with the provider-specific request
+bodies left open: what a trigger route accepts depends on the integration's fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi"]
+
+GROUP = {
+    "name": "group_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"},
+}
+NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"},
+}
+ERROR = {
+    "description": "Error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): ERROR for code in codes}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi(public_url: str) -> dict[str, Any]:
+    service: list[dict[str, list[str]]] = [{"serviceToken": []}]
+    either: list[dict[str, list[str]]] = [{"serviceToken": []}, {"connectSession": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "broker",
+            "version": "0.1.0",
+            "description": "Credentials for workflow nodes: API keys and OAuth2 tokens.",
+        },
+        "servers": [{"url": public_url}],
+        "components": {
+            "securitySchemes": {
+                "serviceToken": {"type": "http", "scheme": "bearer"},
+                "connectSession": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "field": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "Integration": {
+                    "type": "object",
+                    "required": ["name", "display_name", "auth_type", "config", "status"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "display_name": {"type": "string"},
+                        "image": {"type": "string"},
+                        "auth_type": {"enum": ["apikey", "oauth2", "oauth2_cc", "basic"]},
+                        "status": {"type": "string"},
+                        "config": {"type": "object"},
+                        "fields": {"type": "object"},
+                        "settings": {"type": "object"},
+                        "hint": {"type": "object"},
+                        "needed_by": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
+        },
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"})},
+                }
+            },
+            "/connect-sessions": {
+                "post": {
+                    "summary": "Open a connect session for one group",
+                    "security": service,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["group_id"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "group_id": GROUP["schema"],
+                                        "integrations": {
+                                            "type": "array",
+                                            "items": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "201": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "token": {"type": "string"},
+                                    "expires_at": {"type": "string"},
+                                    "connect_url": {"type": "string"},
+                                },
+                            },
+                            "Created",
+                        ),
+                        **_errors(401, 403, 413, 422),
+                    },
+                }
+            },
+            "/groups/{group_id}/integrations": {
+                "get": {
+                    "summary": "Every enabled integration and its status for the group",
+                    "security": either,
+                    "parameters": [GROUP],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "group_id": {"type": "string"},
+                                    "integrations": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Integration"},
+                                    },
+                                },
+                            }
+                        ),
+                        **_errors(401, 404, 422),
+                    },
+                }
+            },
+            "/groups/{group_id}/integrations/custom/{name}": {
+                "post": {
+                    "summary": "Connect: store the submitted credential (the seed's trigger)",
+                    "security": either,
+                    "parameters": [GROUP, NAME],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json({"type": "object"}),
+                        **_errors(401, 404, 413, 422, 502),
+                    },
+                }
+            },
+            "/groups/{group_id}/integrations/custom/{name}/disconnect": {
+                "post": {
+                    "summary": "Disconnect (the seed's delete); idempotent",
+                    "security": either,
+                    "parameters": [GROUP, NAME],
+                    "responses": {"200": _json({"type": "object"}), **_errors(401, 404, 422)},
+                }
+            },
+            "/groups/{group_id}/integrations/{name}/authorize": {
+                "get": {
+                    "summary": "Start an OAuth2 flow (the popup opens this): 302 to the provider",
+                    "security": either,
+                    "parameters": [GROUP, NAME],
+                    "responses": {
+                        "302": {"description": "Redirect to the provider"},
+                        "400": {"description": "Result page (HTML)"},
+                        "404": {"description": "Result page (HTML)"},
+                        "422": {"description": "Result page (HTML)"},
+                        "401": ERROR,
+                    },
+                }
+            },
+            "/groups/{group_id}/integrations/{name}/credentials": {
+                "get": {
+                    "summary": "The credential for a node, with a token valid right now",
+                    "security": service,
+                    "parameters": [
+                        GROUP,
+                        NAME,
+                        {
+                            "name": "force_refresh",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "boolean"},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"credentials": {"type": "object"}}}
+                        ),
+                        **_errors(401, 403, 404, 409, 422, 500, 503),
+                    },
+                }
+            },
+            "/groups/{group_id}/events": {
+                "get": {
+                    "summary": "The group's connection events, newest first",
+                    "security": service,
+                    "parameters": [
+                        GROUP,
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "before", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                    "responses": {"200": _json({"type": "object"}), **_errors(401, 403, 422)},
+                }
+            },
+            "/oauth/callback": {
+                "get": {
+                    "summary": "The OAuth2 redirect URI (renders the result page)",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Result page (HTML)"},
+                        "400": {"description": "Result page (HTML)"},
+                        "502": {"description": "Result page (HTML)"},
+                    },
+                }
+            },
+        },
+    }
