@@ -16,6 +16,7 @@ so a plugin that fails halfway leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -216,8 +217,6 @@ def _group_id(group: Any) -> str:
 def _check_data(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or not data:
         raise InvalidInput("credential must be a non-empty JSON object")
-    import json
-
     try:
         size = len(json.dumps(data))
     except (TypeError, ValueError) as exc:

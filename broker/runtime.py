@@ -26,7 +26,7 @@ from .config import Settings
 from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
 from .errors import EncryptionKeyError, SchemaOutOfDate
-from .integrations import Registry, default_registry
+from .integrations import Group, Registry, default_registry
 from .plugins import load_plugins
 from .providers import integration_for
 from .refresh import keep_alive_at, next_refresh_at
@@ -181,7 +181,7 @@ class Broker:
         async with self.session() as db:
             for name in names:
                 integration = self.registry.get(name)
-                status = await integration.get_status(db, _GroupRef(group_id))
+                status = await integration.get_status(db, Group(group_id))
                 if status is not True and status != "connected":
                     missing.append(name)
         return missing
@@ -221,13 +221,6 @@ class RotationResult:
     remaining: int = 0
     """Rows still under an older key (changed during the run by an old-key writer)."""
     corrupt: list[int] = field(default_factory=list)
-
-
-class _GroupRef:
-    __slots__ = ("id",)
-
-    def __init__(self, group_id: str) -> None:
-        self.id = group_id
 
 
 async def _keyring(settings: Settings, database: Database) -> Keyring:
