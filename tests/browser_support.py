@@ -11,9 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from tests.support import loopback_socket, url_of
 CHROMIUM = os.environ.get("BROKER_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 SERVICE_TOKEN = "browser-test-service-token-0123"
-HOST_ORIGIN = "http://127.0.0.1:9"  # an allowed origin that is not the broker's
+HOST_ORIGIN = "http://127.0.0.1:9"  # default allowed origin when no HostSite is running
 HTTP_REASONS = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     409: "Conflict", 422: "Unprocessable Entity", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -49,6 +52,11 @@ class LiveServe:
     process: subprocess.Popen[bytes]
     log: Path
 
+    @property
+    def database(self) -> Path:
+        """The SQLite file behind it (tests may tamper with it, e.g. expire a session)."""
+        return self.config.parent / "broker.db"
+
     def service(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}, timeout=10
@@ -61,16 +69,31 @@ class LiveServe:
             return str(r.json()["connect_url"])
 
 
-def start_serve(tmp: Path, providers: dict[str, Any], **settings: Any) -> LiveServe:
+def free_port_url() -> tuple[int, str]:
+    """A free 127.0.0.1 port and its URL, released for a server to bind next."""
     sock = loopback_socket()
-    port = sock.getsockname()[1]
-    url = url_of(sock)
-    sock.close()  # broker serve binds it again (a tiny window; loopback only)
+    port, url = sock.getsockname()[1], url_of(sock)
+    sock.close()  # the server binds it again (a tiny window; loopback only)
+    return port, url
+
+
+def start_serve(
+    tmp: Path,
+    providers: dict[str, Any],
+    *,
+    allowed_origins: list[str] | None = None,
+    port_url: tuple[int, str] | None = None,
+    **settings: Any,
+) -> LiveServe:
+    """Start ``broker serve``. ``port_url`` (from :func:`free_port_url`) lets a test know
+    the broker's URL first, e.g. to register its redirect URI at an authorization server."""
+    port, url = port_url or free_port_url()
+    origins = [HOST_ORIGIN] if allowed_origins is None else allowed_origins
     config = {
         "database_url": f"sqlite+aiosqlite:///{tmp / 'broker.db'}",
         "encryption_keys": [generate_key()],
         "public_url": url,
-        "auth": {"service_tokens": [SERVICE_TOKEN], "allowed_origins": [HOST_ORIGIN]},
+        "auth": {"service_tokens": [SERVICE_TOKEN], "allowed_origins": origins},
         "providers": providers,
         "log_level": "debug",
         **settings,
@@ -104,6 +127,49 @@ def stop_serve(serve: LiveServe) -> None:
         serve.process.kill()
 
 
+class HostSite:
+    """A host app's frontend on its own loopback origin (put ``origin`` in the broker's
+    ``auth.allowed_origins``). Serves the HTML pages in ``pages`` by path, nothing else;
+    a page given as ``(html, headers)`` is sent with those extra headers."""
+
+    def __init__(self, pages: dict[str, str | tuple[str, dict[str, str]]] | None = None) -> None:
+        self.pages = dict(pages or {})
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                page = site.pages.get(self.path.split("?", 1)[0])
+                body, headers = page if isinstance(page, tuple) else (page, {})
+                data = (body or "not found").encode()
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="host-site", daemon=True
+        )
+
+    def start(self) -> HostSite:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
 @dataclass
 class ConsoleWatch:
     """Collects console errors and uncaught exceptions of every page attached.
@@ -127,15 +193,16 @@ class ConsoleWatch:
             if text == f"Failed to load resource: the server responded with a status of {status} " \
                     f"({HTTP_REASONS.get(status, '')})":
                 return
-        self.errors.append(f"console.error: {text}")
+        self.errors.append(f"console.error: {text} [{msg.location.get('url', '')}]")
 
     def attach(self, page: Any) -> None:
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+@asynccontextmanager
+async def launch_chromium() -> AsyncIterator[Any]:
+    """Debian's headless Chromium under Playwright (its own browser download is not used)."""
     executable = chromium_or_skip()
     from playwright.async_api import async_playwright
 
@@ -157,6 +224,14 @@ async def browser() -> AsyncIterator[Any]:
             yield b
         finally:
             await b.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """A Chromium per test. Each ``browser.new_page()`` gets its own context (cookies,
+    storage), so a module may share one browser instead: see ``test_connect_page.py``."""
+    async with launch_chromium() as b:
+        yield b
 
 
 @pytest.fixture

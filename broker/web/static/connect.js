@@ -318,8 +318,12 @@
     yes.addEventListener("click", function () {
       yes.disabled = true;
       api("POST", item.config.delete).then(function (result) {
+        yes.disabled = false;
         if (result.ok) finished(item, "not_connected");
         else say((result.body && result.body.error && result.body.error.message) || "Could not disconnect.", "error");
+      }, function () {
+        yes.disabled = false;
+        say("Could not reach the server. Check your connection and try again.", "error");
       });
     });
     wrap.appendChild(ask);
