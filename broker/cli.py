@@ -184,7 +184,7 @@ def refresher(config_path: Path | None) -> None:
             log.info("refresher running every %ss", settings.refresh.interval_seconds)
             await stop.wait()
         finally:
-            sweeper.stop()
+            await sweeper.aclose()  # lets refreshes in flight finish
             await broker.close()
 
     _run(run())

@@ -263,13 +263,21 @@ def load_settings(
             raise ConfigError([f"{label}: not UTF-8 text: {exc.reason}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{label}: not valid YAML: {exc}"]) from None
+        except ZeroDivisionError:  # MUTANT
+            raise ConfigError([f"{label}: not valid YAML: nested too deeply"]) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError([f"{label}: expected a mapping of settings at the top level"])
 
     problems: list[str] = []
-    data = _interpolate(data, "", env, problems)
+    try:
+        data = _interpolate(data, "", env, problems)
+    except RecursionError:
+        # A YAML alias inside its own anchor ("a: &a [*a]") makes a value contain itself.
+        raise ConfigError(
+            [f"{label}: a value contains itself (a recursive YAML alias) or is nested too deeply"]
+        ) from None
     if problems:
         raise ConfigError(f"{label}: {p}" for p in problems)
     try:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from .cache import CredentialCache, Entry
 from .catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
@@ -58,6 +59,7 @@ from .store.models import Connection
 
 if TYPE_CHECKING:
     from .runtime import Broker
+    from .store.repository import Credential
 
 __all__ = ["Credentials", "expiry"]
 
@@ -83,6 +85,8 @@ class Credentials:
         self.broker = broker
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        # Reads in flight, with when each began: concurrent callers share one.
+        self._reads: dict[tuple[str, str], tuple[float, asyncio.Future[Credential | None]]] = {}
         self._operator_errors_logged: set[str] = set()
         self.cache = CredentialCache(broker)
 
@@ -109,8 +113,11 @@ class Credentials:
                     return node_view(entry.data)
         read_started = time.monotonic()
         try:
-            async with self.broker.session() as db:
-                found = await self.broker.repository.get(db, group_id, key)
+            if use_cache and not force_refresh:
+                read_started, found = await self._shared_read(group_id, key)
+            else:
+                async with self.broker.session() as db:
+                    found = await self.broker.repository.get(db, group_id, key)
         except CredentialCorrupt:
             await self._mark_corrupt(group_id, key)
             raise
@@ -135,6 +142,35 @@ class Credentials:
             )
         return node_view(token)
 
+    async def _shared_read(self, group_id: str, key: str) -> tuple[float, Credential | None]:
+        """Read one connection, sharing a read of it already in flight.
+
+        A burst of callers for one connection then makes one query, not one each (queued
+        for the pool, ahead of the refresh they all end up waiting for). A read that began
+        before this process last changed the connection is not shared. Returns when the
+        read began (for ``cache.put``) and what it found.
+        """
+        flight = (group_id, key)
+        shared = self._reads.get(flight)
+        if shared is not None and shared[0] >= self.cache._invalidated_at.get(flight, 0.0):
+            return shared[0], await asyncio.shield(shared[1])
+        started = time.monotonic()
+        future: asyncio.Future[Credential | None] = asyncio.get_running_loop().create_future()
+        self._reads[flight] = (started, future)
+        try:
+            async with self.broker.session() as db:
+                found = await self.broker.repository.get(db, group_id, key)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here; sharers re-raise it
+            raise
+        else:
+            future.set_result(found)
+            return started, found
+        finally:
+            if self._reads.get(flight, (0.0, None))[1] is future:
+                del self._reads[flight]
+
     def _stale(self, token: dict[str, Any]) -> bool:
         min_validity = float(self.broker.settings.refresh.min_validity_seconds)
         return is_stale(token, self.broker.now(), min_validity)
@@ -154,6 +190,9 @@ class Credentials:
                     Connection.group_id == group_id,
                     Connection.integration == key,
                     Connection.status != "corrupt",
+                    # Sealed under a key this replica lacks (mid rolling restart): not
+                    # corrupt, and other replicas read it. Never mark it for them.
+                    Connection.key_id.in_(self.broker.keyring.key_ids),
                 )
                 .values(status="corrupt", next_refresh_at=None, updated_at=self.broker.now())
                 .returning(Connection.id)
@@ -295,6 +334,14 @@ class Credentials:
             # is handed out without asking the provider again on every call.
             await self._release(group_id, key, {})
             return old
+        if (
+            not force and row.last_error == "http_429"
+            and row.next_refresh_at is not None and row.next_refresh_at > now
+        ):
+            # Rate limited, and the token has run out: the provider said when to come back
+            # (Retry-After), and asking before then on every node call would only prolong it.
+            await self._release(group_id, key, {})
+            raise IntegrationUnavailable(key, integration.name)
         # The provider's clock for ``expires_in`` starts before its answer reaches us:
         # count from the request, so a slow answer never makes a token look longer-lived.
         requested_at = broker.now()
@@ -325,20 +372,43 @@ class Credentials:
         if "client" in old:
             token["client"] = old["client"]
         expires_at = expiry(token)
-        async with broker.session() as db, db.begin():
-            stored = await broker.repository.replace_if_version(
-                db, group_id, key, row.version, token,
-                expires_at=expires_at,
-                next_refresh_at=broker.next_refresh_at(requested_at, expires_at, spec),
-                lease_owner=self.owner,
-            )
-            if stored is not None:
-                kind = "recovered" if row.failure_count else "refreshed"
-                await record(
-                    db, group_id=group_id, integration=key, kind=kind, now=now,
-                    webhooks=broker.settings.webhooks,
-                    expires_at=expires_at.isoformat() if expires_at else None,
+        # The provider has answered, and may have retired the old refresh token: an answer
+        # not stored is a connection lost. A failing database is retried while our lease
+        # lasts (a write that did commit shows up as a newer version: ours, read below).
+        retry_until = row.lease_expires_at or now + timedelta(
+            seconds=self._lease_seconds(integration)
+        )
+        pause = 0.05
+        while True:
+            try:
+                async with broker.session() as db, db.begin():
+                    stored = await broker.repository.replace_if_version(
+                        db, group_id, key, row.version, token,
+                        expires_at=expires_at,
+                        next_refresh_at=broker.next_refresh_at(requested_at, expires_at, spec),
+                        lease_owner=self.owner,
+                    )
+                    if stored is not None:
+                        kind = "recovered" if row.failure_count else "refreshed"
+                        await record(
+                            db, group_id=group_id, integration=key, kind=kind, now=now,
+                            webhooks=broker.settings.webhooks,
+                            expires_at=expires_at.isoformat() if expires_at else None,
+                        )
+                break
+            except (DBAPIError, OSError) as exc:  # OSError: the driver's connect errors
+                if broker.now() + timedelta(seconds=pause) >= retry_until:
+                    log.error(
+                        "could not store the refreshed token of %s/%s (%s): the database "
+                        "kept failing for the whole lease", group_id, key, type(exc).__name__,
+                    )
+                    raise
+                log.warning(
+                    "storing the refreshed token of %s/%s failed (%s); retrying",
+                    group_id, key, type(exc).__name__,
                 )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
         if stored is None:
             # Our lease ran out and someone else wrote meanwhile: theirs is current.
             async with broker.session() as db:

@@ -37,8 +37,11 @@ class SweepResult:
     delivered: int = 0
 
 
-async def sweep(broker: Broker, *, max_batches: int = 100) -> SweepResult:
-    """Refresh every connection that is due now (bounded by ``max_batches``)."""
+async def sweep(
+    broker: Broker, *, max_batches: int = 100, stop: asyncio.Event | None = None
+) -> SweepResult:
+    """Refresh every connection that is due now (bounded by ``max_batches``; ``stop`` set:
+    no further batch)."""
     result = SweepResult()
     limit = broker.settings.refresh.max_concurrency
     semaphore = asyncio.Semaphore(limit)
@@ -72,6 +75,8 @@ async def sweep(broker: Broker, *, max_batches: int = 100) -> SweepResult:
                 log.exception("refresh of %s/%s crashed", group_id, key)
 
     for _ in range(max_batches):
+        if stop is not None and stop.is_set():
+            break
         async with broker.session() as db, db.begin():
             due = await broker.repository.claim_due(
                 db,
@@ -84,7 +89,12 @@ async def sweep(broker: Broker, *, max_batches: int = 100) -> SweepResult:
             break
         result.claimed += len(due)
         await asyncio.gather(*(one(g, k) for g, k in due))
-    result.delivered = await deliver_due(broker)
+        if len(due) < limit * 4:
+            # That was all that was due: what falls due meanwhile is the next sweep's (with
+            # short-lived tokens there always is some, and this sweep would never end).
+            break
+    if stop is None or not stop.is_set():
+        result.delivered = await deliver_due(broker)
     return result
 
 
@@ -103,11 +113,14 @@ class Refresher:
             coalesce=True,
             next_run_time=broker.now(),
         )
+        self._stop = asyncio.Event()
+        self._job: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
+        self._job = asyncio.current_task()
         try:
             await self.broker.calibrate_clock()
-            result = await sweep(self.broker)
+            result = await sweep(self.broker, stop=self._stop)
         except Exception:
             log.exception("refresh sweep failed; it will run again")
             return
@@ -121,5 +134,23 @@ class Refresher:
         self.scheduler.start()
 
     def stop(self) -> None:
+        """Stop at once: a sweep in progress is cancelled (see ``aclose``)."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        """Stop gracefully: no new sweep or batch, and the token requests in flight are
+        awaited (at most one lease long) and their answers stored. Cancelling them would
+        lose answers the provider may already have acted on: at a provider that rotates
+        refresh tokens, that connection would need to be connected again."""
+        self._stop.set()
+        if self.scheduler.running:
+            self.scheduler.pause()
+        job = self._job
+        if job is not None and not job.done():
+            credentials = self.broker.tokens
+            longest = max(
+                (credentials._lease_seconds(i) for i in self.broker.registry), default=60.0
+            )
+            await asyncio.wait({job}, timeout=longest)
+        self.stop()

@@ -8,7 +8,9 @@ failure becomes a ``TokenEndpointError`` carrying the HTTP status, the RFC error
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
@@ -26,6 +28,7 @@ with warnings.catch_warnings():
 from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider, render_url
 from ..errors import TokenEndpointError
 from .decisions import classify, safe_error_code
+from .tokens import lifetime_seconds
 
 __all__ = ["client_credentials", "exchange_code", "refresh"]
 
@@ -60,6 +63,13 @@ class _JSONBody(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every token request: building one loads the CA bundle, tens
+    of milliseconds of CPU on the event loop (a sweep of 50 refreshes spent seconds on it)."""
+    return httpx.create_ssl_context()
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -73,6 +83,35 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
     except (TypeError, ValueError):
         return None
+
+
+def _lifetime_hook(default: int) -> Callable[[httpx.Response], httpx.Response]:
+    """Authlib turns ``expires_in`` into ``expires_at`` with ``int()``: a word, ``"1e3"``,
+    a list or an object there would fail the whole token request (a list or an object with
+    a TypeError nobody expects). Hand it the lifetime the broker's own rule gives
+    (``tokens.lifetime_seconds``: the same number ``stored_token`` then computes), and drop
+    a provider's ``expires_at`` (the broker computes its own)."""
+
+    def hook(response: httpx.Response) -> httpx.Response:
+        try:
+            body = response.json()
+        except ValueError:
+            return response
+        if not isinstance(body, dict) or not {"expires_in", "expires_at"} & set(body):
+            return response
+        if "expires_in" in body:
+            body["expires_in"] = lifetime_seconds(body["expires_in"], default)
+        body.pop("expires_at", None)
+        headers = [
+            (k, v) for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=headers, content=json.dumps(body).encode(),
+            request=response.request,
+        )
+
+    return hook
 
 
 async def _request(
@@ -90,7 +129,7 @@ async def _request(
         last["status"] = response.status_code
         last["retry_after"] = _retry_after(response.headers.get("retry-after"))
 
-    inner = transport or httpx.AsyncHTTPTransport()
+    inner = transport or httpx.AsyncHTTPTransport(verify=_tls_context())
     client = AsyncOAuth2Client(
         client_id=client_id,
         client_secret=client_secret,
@@ -102,6 +141,8 @@ async def _request(
         event_hooks={"response": [remember]},
         follow_redirects=False,
     )
+    for kind in ("access_token_response", "refresh_token_response"):
+        client.register_compliance_hook(kind, _lifetime_hook(spec.default_lifetime_seconds))
     name = spec.display_name
     try:
         async with client:

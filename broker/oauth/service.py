@@ -130,12 +130,19 @@ async def begin(
     return url, state
 
 
-def _single(params: Mapping[str, list[str]], name: str) -> str | None:
+def _single(
+    params: Mapping[str, list[str]], name: str, integration: str | None = None
+) -> str | None:
     values = params.get(name) or []
     if len(values) > 1:
-        raise FlowFailed(f"The sign-in response repeats {name!r}; start again.")
+        raise FlowFailed(
+            f"The sign-in response repeats {name!r}; start again.", integration=integration
+        )
     if values and (len(values[0]) > MAX_PARAM or "\x00" in values[0]):
-        raise FlowFailed(f"The sign-in response has a malformed {name!r}; start again.")
+        raise FlowFailed(
+            f"The sign-in response has a malformed {name!r}; start again.",
+            integration=integration,
+        )
     return values[0] if values else None
 
 
@@ -169,12 +176,12 @@ async def finish(
         raise FlowFailed("This integration is no longer enabled.", integration=name)
     label = spec.display_name
 
-    error = _single(params, "error")
+    error = _single(params, "error", name)
     if error is not None:
         if error == "access_denied":
             raise FlowFailed(f"Access to {label} was declined.", integration=name)
         raise FlowFailed(f"{label} could not complete the sign-in.", integration=name)
-    iss = _single(params, "iss")
+    iss = _single(params, "iss", name)
     if flow.issuer is not None and iss is not None and iss != flow.issuer:
         raise FlowFailed(
             f"The sign-in response did not come from {label}. Start again.", integration=name
@@ -184,7 +191,7 @@ async def finish(
             f"The sign-in response did not say it came from {label}. Start again.",
             integration=name,
         )
-    code = _single(params, "code")
+    code = _single(params, "code", name)
     if not code:
         raise FlowFailed(f"{label} did not return an authorization code.", integration=name)
 

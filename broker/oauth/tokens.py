@@ -40,6 +40,8 @@ def dig(obj: Any, path: str) -> Any:
 
 def lifetime_seconds(expires_in: Any, default: int) -> int:
     """The lifetime to assume for a token, per the module's rule."""
+    if isinstance(expires_in, bool):  # JSON true is not a number (float(True) would be 1)
+        return default
     try:
         value = float(expires_in)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range

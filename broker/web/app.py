@@ -205,7 +205,8 @@ async def events(request: Request) -> Response:
     try:
         limit = min(max(int(request.query_params.get("limit", "100")), 1), 1000)
         before_text = request.query_params.get("before")
-        before = int(before_text) if before_text is not None else None
+        # Clamped to the ids a 64-bit column holds (a larger one overflows the driver: a 500).
+        before = min(max(int(before_text), 0), 2**63 - 1) if before_text is not None else None
     except ValueError:
         raise InvalidInput("limit and before must be integers.", field="limit") from None
     async with _broker(request).session() as db:
@@ -393,11 +394,17 @@ def create_app(
             yield
         finally:
             if sweeper is not None:
-                sweeper.stop()
+                await sweeper.aclose()  # lets refreshes in flight finish
 
     async def find(token: str) -> SessionGrant | None:
-        async with broker.session() as db:
-            return await find_session(db, token)
+        try:
+            async with broker.session() as db:
+                return await find_session(db, token)
+        except (DBAPIError, OSError) as exc:  # in the middleware, past the handlers
+            log.error("database error looking up a connect session: %s", type(exc).__name__)
+            raise ServiceUnavailable(
+                "The credential store is unavailable. Try again shortly."
+            ) from None
 
     routes = [
         Route("/healthz", healthz),
@@ -444,6 +451,9 @@ def create_app(
             HTTPException: _starlette_error,
             OperationalError: _database_error,
             DBAPIError: _database_error,
+            # The driver's own connect errors (refused, timed out, unknown host) are not
+            # wrapped as DBAPIError: the database is as unavailable.
+            OSError: _database_error,
             Exception: _internal_error,
         },
         lifespan=lifespan,

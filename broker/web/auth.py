@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import Forbidden, NotFound, Unauthorized
+from ..errors import Forbidden, HTTPError, NotFound, Unauthorized
 from ..sessions import SESSION_PREFIX, SessionGrant
 
 __all__ = ["Principal", "ServiceTokenMiddleware", "TokenSet", "require_group", "require_service"]
@@ -93,7 +93,15 @@ class ServiceTokenMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        principal, problem = await self._resolve(scope)
+        try:
+            principal, problem = await self._resolve(scope)
+        except HTTPError as exc:
+            # The session lookup failed (the store is down): this runs outside the app's
+            # exception handlers, so answer here, not with a 500.
+            await JSONResponse(
+                exc.to_dict(), status_code=exc.status_code, headers={"Cache-Control": "no-store"}
+            )(scope, receive, send)
+            return
         if principal is None and self.unauthorized_page is not None and path.endswith(
             "/authorize"
         ):

@@ -26,6 +26,10 @@ ERROR = {
     "description": "Error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
+PAGE = {
+    "description": "Result page (HTML)",
+    "content": {"text/html": {"schema": {"type": "string"}}},
+}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -192,10 +196,12 @@ def openapi(public_url: str) -> dict[str, Any]:
                     "parameters": [GROUP, NAME],
                     "responses": {
                         "302": {"description": "Redirect to the provider"},
-                        "400": {"description": "Result page (HTML)"},
-                        "404": {"description": "Result page (HTML)"},
-                        "422": {"description": "Result page (HTML)"},
-                        "401": ERROR,
+                        # The popup opened this: every failure, 401 included, is the result
+                        # page (it tells the opener), not JSON.
+                        "400": PAGE,
+                        "401": PAGE,
+                        "404": PAGE,
+                        "422": PAGE,
                     },
                 }
             },
@@ -238,9 +244,9 @@ def openapi(public_url: str) -> dict[str, Any]:
                     "summary": "The OAuth2 redirect URI (renders the result page)",
                     "security": [],
                     "responses": {
-                        "200": {"description": "Result page (HTML)"},
-                        "400": {"description": "Result page (HTML)"},
-                        "502": {"description": "Result page (HTML)"},
+                        "200": PAGE,
+                        "400": PAGE,
+                        "502": PAGE,
                     },
                 }
             },

@@ -22,7 +22,11 @@ def safe_return_to(value: str | None, allowed_origins: Iterable[str]) -> str | N
         return None
     if value.startswith("/"):
         return value if not value.startswith("//") else None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        # "http://[::1", "http://\uff0f" (NFKC-unsafe netloc): refused, not a 500.
+        return None
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.username:
         return None
     origin = f"{parts.scheme}://{parts.netloc}".lower()
