@@ -263,7 +263,7 @@ def load_settings(
             raise ConfigError([f"{label}: not UTF-8 text: {exc.reason}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{label}: not valid YAML: {exc}"]) from None
-        except ZeroDivisionError:  # MUTANT
+        except RecursionError:
             raise ConfigError([f"{label}: not valid YAML: nested too deeply"]) from None
         if data is None:
             data = {}

@@ -389,6 +389,8 @@ class Credentials:
                         lease_owner=self.owner,
                     )
                     if stored is not None:
+                        # The provider works again: log its next operator error afresh.
+                        self._operator_errors_logged.discard(key)
                         kind = "recovered" if row.failure_count else "refreshed"
                         await record(
                             db, group_id=group_id, integration=key, kind=kind, now=now,

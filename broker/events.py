@@ -131,8 +131,12 @@ async def list_events(
     return [event_dict(e) for e in rows]
 
 
-async def deliver_due(broker: Broker, *, limit: int = 50) -> int:
-    """Send the webhook deliveries that are due; return how many succeeded."""
+async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
+    """Send the webhook deliveries that are due; return how many succeeded.
+
+    A batch is claimed for 5 minutes; ``limit`` x the 10 s timeout stays under that, so
+    another replica does not send the same delivery while this one is still trying.
+    """
     hooks = {h.url: h.secret.get_secret_value() for h in broker.settings.webhooks}
     if not hooks:
         return 0
