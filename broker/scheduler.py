@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
 from .events import deliver_due
@@ -70,6 +71,11 @@ async def sweep(
                 result.refreshed += 1
             except BrokerError:
                 result.failed += 1  # recorded as an event; the connection was rescheduled
+            except (DBAPIError, OSError) as exc:
+                # The store failed: the lease runs out and a later sweep tries again.
+                result.failed += 1
+                log.warning("refresh of %s/%s: database error (%s)", group_id, key,
+                            type(exc).__name__)
             except Exception:
                 result.failed += 1
                 log.exception("refresh of %s/%s crashed", group_id, key)

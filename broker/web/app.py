@@ -310,7 +310,16 @@ async def oauth_callback(request: Request) -> Response:
         params.setdefault(key, []).append(value)
     cookie = flow_cookie(request.query_params.get("state") or "")
     try:
-        result = await finish(broker, params, browser_nonce=request.cookies.get(cookie))
+        try:
+            result = await finish(broker, params, browser_nonce=request.cookies.get(cookie))
+        except (DBAPIError, OSError):
+            # The store failed mid-flow: the popup still ends on the page that tells its
+            # opener. Nothing was stored; the state may or may not have been consumed.
+            log.error("database error during the OAuth2 callback")
+            raise FlowFailed(
+                "The service is briefly unavailable. Close this window and try again.",
+                status_code=503,
+            ) from None
     except FlowFailed as exc:
         integration = broker.registry.get(exc.integration) if (
             exc.integration and exc.integration in broker.registry

@@ -37,8 +37,13 @@ UNAVAILABLE = "The credential store is unavailable. Try again shortly."
 
 
 def check_error(response: httpx.Response) -> None:
-    """An error answer is a 503 naming the store, as JSON, never a 500."""
+    """An error answer is a 503, never a 500: JSON naming the store, or — for the OAuth2
+    callback, which a popup opened — the result page telling its opener it failed."""
     assert response.status_code == 503, (response.status_code, response.text)
+    if response.url.path == "/oauth/callback":
+        message = oauth_support.page_data(response)["message"]
+        assert message["status"] == "error" and "unavailable" in message["error"], message
+        return
     error = response.json()["error"]
     assert error == {"code": "service_unavailable", "message": UNAVAILABLE}, error
 
