@@ -46,8 +46,10 @@ class Database:
 
     def __init__(self, url: str, *, info: dict[str, Any] | None = None, echo: bool = False):
         self.url = url
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
         self.is_sqlite = url.startswith("sqlite")
+        # A pooled connection to a server can die with the server (restart, failover):
+        # check before use. A SQLite file cannot, and the check would double each read.
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)

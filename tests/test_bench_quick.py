@@ -1,0 +1,70 @@
+"""``python -m bench --quick`` runs every benchmark to completion and the counts hold.
+
+No timing is asserted here (the machines CI runs on are shared and noisy): only that each
+benchmark completes, that every due connection is refreshed exactly once, and that a burst
+of 1,000 callers for one expired connection makes exactly one token request.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst"}
+
+
+def result(out: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out / f"{name}.json").read_text())
+    return data
+
+
+def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+
+    summary = result(tmp_path, "summary")
+    assert set(summary["benchmarks"]) == BENCHMARKS
+    assert all(b["completed"] for b in summary["benchmarks"].values()), summary
+    assert summary["machine"]["nproc"] >= 1
+
+    # 1. Every call of the measured loops answered from the cache after the warm-up pass
+    # would be a timing claim; what holds everywhere is that the run produced its rows.
+    hot = result(tmp_path, "hotpath")
+    assert {r["integration"] for r in hot["rows"]} == {"openweathermap", "acme"}
+    assert all(r["cache_after_warm_up"]["entries"] >= r["connections"] for r in hot["rows"])
+
+    # 2. Both servers answered the same body, and no request failed.
+    http = result(tmp_path, "http")
+    checks = http["response_check"]
+    assert checks["broker"] == checks["bare"] and checks["broker"]["status"] == 200
+    assert http["errors"] == 0
+
+    # 3. Every due connection refreshed once: one token request and one new version each.
+    for store in result(tmp_path, "refresh")["results"]:
+        slow = store["slow"]
+        assert slow["refreshed"] == slow["connections"] == slow["token_requests"]
+        assert slow["rows_refreshed"] == slow["connections"]
+        for run_ in store["fast"]["runs"]:
+            swept = run_["broker"]
+            assert swept["refreshed"] == store["fast"]["connections"] == swept["token_requests"]
+            assert swept["rows_refreshed"] == store["fast"]["connections"]
+            assert run_["bare"]["ok"] == run_["bare"]["posts"]
+
+    # 4. The due-query uses the index; the sweep refreshed exactly the 100 due at each size.
+    for store, found in result(tmp_path, "scale")["summary"].items():
+        assert found["uses_index"], store
+        assert found["refreshed"] == found["claimed"] == [100, 100], store
+        assert found["failed"] == [0, 0], store
+        assert found["token_requests"] == [100, 100], store
+
+    # 5. A burst of 1,000 callers for one expired connection: exactly one token request.
+    for burst in result(tmp_path, "burst")["results"]:
+        assert burst["token_requests"] == 1, burst["mode"]
+        assert burst["errors"] == 0, burst["mode"]
