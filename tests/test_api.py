@@ -7,8 +7,6 @@ Providers are defined inline here, so the tests do not depend on the shipped cat
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,14 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from conftest import SERVICE_TOKEN
 from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from broker.config import Settings
 from broker.integrations import GROUP_ID_PATTERN
@@ -31,6 +27,7 @@ from broker.runtime import Broker
 from broker.store.models import Connection
 from broker.web import create_app
 from broker.web.bodies import MAX_BODY_BYTES
+from tests.support import serve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_PLUGIN = "examples.openweathermap:plugin"
@@ -94,28 +91,6 @@ async def app_client(
         yield c
 
 
-@asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on a free 127.0.0.1 port in this event loop; yield its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="off", log_config=None, log_level="warning", timeout_graceful_shutdown=5
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("uvicorn exited before it started")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=10)
-        sock.close()
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ same way whether pytest runs from the root or elsewhere, editable install or not
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import socket
 import sys
 import textwrap
 import uuid
@@ -25,13 +23,11 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
-import uvicorn
 from conftest import SERVICE_TOKEN
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from broker.config import Settings
 from broker.errors import IntegrationNotConnected, PluginError
@@ -39,6 +35,7 @@ from broker.nodes import ExecutionContext
 from broker.plugins import ENTRY_POINT_GROUP
 from broker.runtime import Broker
 from broker.web import create_app
+from tests.support import serve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_REF = "examples.openweathermap:plugin"
@@ -57,31 +54,6 @@ OTHER_PROVIDER = {
 # --- real servers on 127.0.0.1 -----------------------------------------------------------
 
 
-@asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port in this event loop; yield its URL.
-
-    Same loop as the test, so the broker's database pool (asyncpg is loop-bound) is shared.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="off", log_config=None, log_level="warning", timeout_graceful_shutdown=5
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("uvicorn exited before it started")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=10)
-        sock.close()
 
 
 class FakeOpenWeatherMap:
