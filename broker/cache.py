@@ -79,7 +79,7 @@ class CredentialCache:
 
         Skipped when an invalidation may have been missed since the read began.
         """
-        if read_started < self._invalidated_at.get(key, 0.0):
+        if self.invalidated_since(key, read_started):
             return
         if len(self.entries) >= MAX_ENTRIES:
             self.entries.clear()
@@ -94,6 +94,10 @@ class CredentialCache:
             self._invalidated_at[key] = now
         if len(self._invalidated_at) > MAX_ENTRIES:
             self._invalidated_at = {k: t for k, t in self._invalidated_at.items() if now - t < 5}
+
+    def invalidated_since(self, key: tuple[str, str], started: float) -> bool:
+        """Whether ``key`` changed in this process after monotonic time ``started``."""
+        return self._invalidated_at.get(key, 0.0) > started
 
     def clear(self) -> None:
         self.entries.clear()

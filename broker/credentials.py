@@ -36,7 +36,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
 from .cache import CredentialCache, Entry
@@ -152,7 +152,7 @@ class Credentials:
         """
         flight = (group_id, key)
         shared = self._reads.get(flight)
-        if shared is not None and shared[0] >= self.cache._invalidated_at.get(flight, 0.0):
+        if shared is not None and not self.cache.invalidated_since(flight, shared[0]):
             return shared[0], await asyncio.shield(shared[1])
         started = time.monotonic()
         future: asyncio.Future[Credential | None] = asyncio.get_running_loop().create_future()
@@ -264,8 +264,9 @@ class Credentials:
                 # The sweep's lease may have been taken long before this turn: renew it so
                 # it outlasts the token request, or take the normal path if it ran out.
                 async with broker.session() as db, db.begin():
-                    row = await _renew_lease(
-                        db, group_id, key, self.owner, broker.now(), timedelta(seconds=lease)
+                    row = await broker.repository.renew_lease(
+                        db, group_id, key, owner=self.owner,
+                        until=broker.now() + timedelta(seconds=lease),
                     )
                 leased = False
             else:
@@ -522,33 +523,3 @@ class Credentials:
         if expires_at is not None and expires_at > now:
             return old
         raise IntegrationUnavailable(key, integration.name) from None
-
-
-def _select_row(group_id: str, key: str) -> Any:
-    return select(Connection).where(
-        Connection.group_id == group_id, Connection.integration == key
-    ).execution_options(populate_existing=True)
-
-
-async def _renew_lease(
-    db: Any, group_id: str, key: str, owner: str, now: datetime, lease: timedelta
-) -> Connection | None:
-    """Push ``owner``'s still-running lease out to ``now + lease``; the row, or None when
-    ``owner`` no longer holds a live lease on it."""
-    from sqlalchemy import update
-
-    row: Connection | None = (
-        await db.execute(
-            update(Connection)
-            .where(
-                Connection.group_id == group_id,
-                Connection.integration == key,
-                Connection.lease_owner == owner,
-                Connection.lease_expires_at > now,
-            )
-            .values(lease_expires_at=now + lease)
-            .returning(Connection)
-            .execution_options(synchronize_session=False)
-        )
-    ).scalar_one_or_none()
-    return row

@@ -254,6 +254,27 @@ class Repository:
         ).scalar_one_or_none()
         return row
 
+    async def renew_lease(
+        self, db: AsyncSession, group_id: str, integration: str, *, owner: str, until: datetime
+    ) -> Connection | None:
+        """Push ``owner``'s still-running lease out to ``until``. Returns the row, or None
+        when ``owner`` no longer holds a live lease on it."""
+        row: Connection | None = (
+            await db.execute(
+                update(Connection)
+                .where(
+                    Connection.group_id == group_id,
+                    Connection.integration == integration,
+                    Connection.lease_owner == owner,
+                    Connection.lease_expires_at > self.clock(),
+                )
+                .values(lease_expires_at=until)
+                .returning(Connection)
+                .execution_options(synchronize_session=False)
+            )
+        ).scalar_one_or_none()
+        return row
+
     async def claim_due(
         self, db: AsyncSession, *, owner: str, until: datetime, limit: int, skip_locked: bool
     ) -> Sequence[tuple[str, str]]:
