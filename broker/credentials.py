@@ -54,8 +54,10 @@ from .integrations import Integration
 from .oauth import client
 from .oauth.decisions import Outcome
 from .oauth.tokens import node_view, stored_token
-from .refresh import backoff, needs_refresh
+from .refresh import backoff, lease_covers, needs_refresh
 from .store.models import Connection
+from .store.repository import Refreshed
+from .writes import RefreshWriter
 
 if TYPE_CHECKING:
     from .runtime import Broker
@@ -89,6 +91,7 @@ class Credentials:
         self._reads: dict[tuple[str, str], tuple[float, asyncio.Future[Credential | None]]] = {}
         self._operator_errors_logged: set[str] = set()
         self.cache = CredentialCache(broker)
+        self.writer = RefreshWriter(broker)
 
     # --- handing out ---------------------------------------------------------------------
 
@@ -212,24 +215,24 @@ class Credentials:
         *,
         seen_version: int | None,
         force: bool = False,
-        leased: bool = False,
+        claimed: Connection | None = None,
     ) -> dict[str, Any]:
         """The connection's fresh token; one refresh per connection at a time.
 
         ``seen_version``: the version the caller saw (a newer one means someone already
-        refreshed). ``leased``: the caller (the sweep) already holds the lease.
+        refreshed). ``claimed``: the row as the caller (the sweep) leased it.
         """
         flight = (group_id, integration.key)
         pending = self._inflight.get(flight)
         if pending is not None:
-            if leased:  # the sweep's lease is redundant: the running refresh holds its own
-                await self._release(group_id, integration.key, {})
+            if claimed is not None:  # the sweep's lease is redundant: the running refresh
+                await self._release(group_id, integration.key, {})  # holds its own
             return await asyncio.shield(pending)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inflight[flight] = future
         try:
             result = await self._refresh_leased(
-                group_id, integration, seen_version=seen_version, force=force, leased=leased
+                group_id, integration, seen_version=seen_version, force=force, claimed=claimed
             )
         except BaseException as exc:
             future.set_exception(exc)
@@ -252,23 +255,28 @@ class Credentials:
         *,
         seen_version: int | None,
         force: bool,
-        leased: bool,
+        claimed: Connection | None,
     ) -> dict[str, Any]:
         broker = self.broker
         key = integration.key
         lease = self._lease_seconds(integration)
         deadline = broker.now() + timedelta(seconds=lease + 5)
+        timeout = float(getattr(integration.provider, "timeout_seconds", 15.0))
         while True:
             row: Connection | None
-            if leased:
-                # The sweep's lease may have been taken long before this turn: renew it so
-                # it outlasts the token request, or take the normal path if it ran out.
+            if claimed is not None and lease_covers(
+                claimed.lease_expires_at, broker.now(), request_timeout=timeout
+            ):
+                row, claimed = claimed, None  # the sweep's claim is fresh: use its row
+            elif claimed is not None:
+                # The sweep's lease was taken too long ago to outlast the token request:
+                # renew it, or take the normal path if it ran out.
                 async with broker.session() as db, db.begin():
                     row = await broker.repository.renew_lease(
                         db, group_id, key, owner=self.owner,
                         until=broker.now() + timedelta(seconds=lease),
                     )
-                leased = False
+                claimed = None
             else:
                 async with broker.session() as db, db.begin():
                     row = await broker.repository.claim(
@@ -380,24 +388,19 @@ class Credentials:
             seconds=self._lease_seconds(integration)
         )
         pause = 0.05
+        refreshed = Refreshed(
+            group_id, key, row.version, token,
+            expires_at=expires_at,
+            next_refresh_at=broker.next_refresh_at(requested_at, expires_at, spec),
+            lease_owner=self.owner,
+            kind="recovered" if row.failure_count else "refreshed",
+        )
         while True:
             try:
-                async with broker.session() as db, db.begin():
-                    stored = await broker.repository.replace_if_version(
-                        db, group_id, key, row.version, token,
-                        expires_at=expires_at,
-                        next_refresh_at=broker.next_refresh_at(requested_at, expires_at, spec),
-                        lease_owner=self.owner,
-                    )
-                    if stored is not None:
-                        # The provider works again: log its next operator error afresh.
-                        self._operator_errors_logged.discard(key)
-                        kind = "recovered" if row.failure_count else "refreshed"
-                        await record(
-                            db, group_id=group_id, integration=key, kind=kind, now=now,
-                            webhooks=broker.settings.webhooks,
-                            expires_at=expires_at.isoformat() if expires_at else None,
-                        )
+                stored = await self.writer.store(refreshed)
+                if stored:
+                    # The provider works again: log its next operator error afresh.
+                    self._operator_errors_logged.discard(key)
                 break
             except (DBAPIError, OSError) as exc:  # OSError: the driver's connect errors
                 if broker.now() + timedelta(seconds=pause) >= retry_until:
@@ -412,7 +415,7 @@ class Credentials:
                 )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
-        if stored is None:
+        if not stored:
             # Our lease ran out and someone else wrote meanwhile: theirs is current.
             async with broker.session() as db:
                 current = await broker.repository.get(db, group_id, key)
@@ -432,7 +435,8 @@ class Credentials:
                     outcome=Outcome.reauth,
                 )
             return await client.refresh(
-                spec, refresh_token=refresh_token, settings=old.get("settings") or {}
+                spec, refresh_token=refresh_token, settings=old.get("settings") or {},
+                transport=self.broker.token_transport,
             )
         if isinstance(spec, OAuth2ClientCredentialsProvider):
             creds = old.get("client") or {}
@@ -442,6 +446,7 @@ class Credentials:
                 client_secret=creds.get("client_secret", ""),
                 scopes=creds.get("scopes"),
                 audience=creds.get("audience"),
+                transport=self.broker.token_transport,
             )
         raise UnknownIntegration(integration.key)
 

@@ -191,6 +191,7 @@ def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> In
             raise InvalidInput("expected a JSON object of fields")
         data = check_fields(spec, body)
         scopes = data.get("scopes", "").split() or None
+        broker = db.info["broker"]
         try:
             response = await client.client_credentials(
                 spec,
@@ -198,6 +199,7 @@ def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> In
                 client_secret=data["client_secret"],
                 scopes=scopes,
                 audience=data.get("audience"),
+                transport=broker.token_transport,
             )
         except TokenEndpointError as exc:
             reason = f" ({exc.error})" if exc.error else ""
@@ -210,7 +212,6 @@ def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> In
                 f"{spec.display_name} did not accept these client credentials{reason}.",
                 field="client_secret",
             ) from None
-        broker = db.info["broker"]
         now = broker.now()
         try:
             token = stored_token(

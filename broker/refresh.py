@@ -14,7 +14,14 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-__all__ = ["backoff", "keep_alive_at", "needs_refresh", "next_refresh_at", "refresh_margin"]
+__all__ = [
+    "backoff",
+    "keep_alive_at",
+    "lease_covers",
+    "needs_refresh",
+    "next_refresh_at",
+    "refresh_margin",
+]
 
 MAX_MARGIN = 3600.0
 
@@ -75,3 +82,14 @@ def keep_alive_at(
         return next_at
     keep_alive = now + timedelta(days=idle_refresh_days)
     return keep_alive if next_at is None or keep_alive < next_at else next_at
+
+
+def lease_covers(
+    lease_expires_at: datetime | None, now: datetime, *, request_timeout: float
+) -> bool:
+    """Whether a refresh lease taken earlier (by the sweep's claim) still has room for a
+    whole token request and the write after it (the request's timeout plus 5 s). If not,
+    the refresher renews it before asking the provider."""
+    if lease_expires_at is None:
+        return False
+    return (lease_expires_at - now).total_seconds() >= request_timeout + 5.0

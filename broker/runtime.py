@@ -27,6 +27,7 @@ from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
 from .errors import EncryptionKeyError, SchemaOutOfDate
 from .integrations import Group, Registry, default_registry
+from .oauth import client
 from .plugins import load_plugins
 from .providers import integration_for
 from .refresh import keep_alive_at, next_refresh_at
@@ -58,6 +59,8 @@ class Broker:
             keyring, clock=lambda: self.clock(), webhooks=settings.webhooks
         )
         self.tokens = Credentials(self)
+        # One keep-alive connection pool for every token request (see oauth.client).
+        self.token_transport = client.token_transport()
         database.info["broker"] = self
 
     @classmethod
@@ -122,6 +125,7 @@ class Broker:
 
     async def close(self) -> None:
         await self.tokens.cache.close()
+        await self.token_transport.aclose()
         await self.database.dispose()
         if Broker._current is self:
             Broker._current = None

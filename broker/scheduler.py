@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
 from .events import deliver_due
+from .store.models import Connection
 
 if TYPE_CHECKING:
     from .runtime import Broker
@@ -41,67 +43,105 @@ class SweepResult:
 async def sweep(
     broker: Broker, *, max_batches: int = 100, stop: asyncio.Event | None = None
 ) -> SweepResult:
-    """Refresh every connection that is due now (bounded by ``max_batches``; ``stop`` set:
-    no further batch)."""
+    """Refresh every connection that is due now, ``refresh.max_concurrency`` at a time
+    (at most ``max_batches * 4 * max_concurrency`` of them; ``stop`` set: no more).
+
+    A pipeline, not batches: a refresh starts as soon as another finishes. Rows are leased
+    a little ahead (up to ``max_concurrency`` waiting, claimed together with their data),
+    so a refresh needs no read of its own and a lease is renewed only when its row waited
+    too long for its turn (``refresh.lease_covers``).
+    """
     result = SweepResult()
     limit = broker.settings.refresh.max_concurrency
-    semaphore = asyncio.Semaphore(limit)
+    budget = max_batches * 4 * limit
     credentials = broker.tokens
     # As long as the longest per-refresh lease (2 x token timeout + 5 s), not a fixed minute:
     # rows a crashed sweeper had claimed are free again about as soon as its requests would
-    # have timed out. Each refresh renews its lease when its turn comes.
+    # have timed out.
     lease = timedelta(
         seconds=max((credentials._lease_seconds(i) for i in broker.registry), default=60.0)
     )
 
-    async def one(group_id: str, key: str) -> None:
-        async with semaphore:
-            if key not in broker.registry:
-                # The provider was disabled: stop scheduling it until it comes back.
-                async with broker.session() as db, db.begin():
-                    await broker.repository.release(
-                        db, group_id, key, owner=credentials.owner,
-                        values={"next_refresh_at": None},
-                    )
-                return
-            try:
-                await credentials.refresh(
-                    group_id, broker.registry.get(key), seen_version=None, leased=True
+    async def one(row: Connection) -> None:
+        group_id, key = row.group_id, row.integration
+        if key not in broker.registry:
+            # The provider was disabled: stop scheduling it until it comes back.
+            async with broker.session() as db, db.begin():
+                await broker.repository.release(
+                    db, group_id, key, owner=credentials.owner,
+                    values={"next_refresh_at": None},
                 )
-                result.refreshed += 1
-            except BrokerError:
-                result.failed += 1  # recorded as an event; the connection was rescheduled
-            except (DBAPIError, OSError) as exc:
-                # The store failed: the lease runs out and a later sweep tries again.
-                result.failed += 1
-                log.warning("refresh of %s/%s: database error (%s)", group_id, key,
-                            type(exc).__name__)
-            except Exception:
-                result.failed += 1
-                log.exception("refresh of %s/%s crashed", group_id, key)
-
-    for _ in range(max_batches):
-        if stop is not None and stop.is_set():
-            break
-        async with broker.session() as db, db.begin():
-            due = await broker.repository.claim_due(
-                db,
-                owner=credentials.owner,
-                until=broker.now() + lease,
-                limit=limit * 4,
-                skip_locked=not broker.database.is_sqlite,
+            return
+        try:
+            await credentials.refresh(
+                group_id, broker.registry.get(key), seen_version=None, claimed=row
             )
-        if not due:
-            break
-        result.claimed += len(due)
-        await asyncio.gather(*(one(g, k) for g, k in due))
-        if len(due) < limit * 4:
-            # That was all that was due: what falls due meanwhile is the next sweep's (with
-            # short-lived tokens there always is some, and this sweep would never end).
-            break
+            result.refreshed += 1
+        except BrokerError:
+            result.failed += 1  # recorded as an event; the connection was rescheduled
+        except (DBAPIError, OSError) as exc:
+            # The store failed: the lease runs out and a later sweep tries again.
+            result.failed += 1
+            log.warning("refresh of %s/%s: database error (%s)", group_id, key,
+                        type(exc).__name__)
+        except Exception:
+            result.failed += 1
+            log.exception("refresh of %s/%s crashed", group_id, key)
+
+    waiting: deque[Connection] = deque()
+    more = True
+    claiming = asyncio.Lock()
+
+    def stopping() -> bool:
+        return stop is not None and stop.is_set()
+
+    async def next_row() -> Connection | None:
+        nonlocal more
+        async with claiming:  # one claim at a time; free (no wait) when nobody claims
+            if more and not stopping() and len(waiting) < limit and result.claimed < budget:
+                want = min(2 * limit - len(waiting), budget - result.claimed)
+                async with broker.session() as db, db.begin():
+                    due = await broker.repository.claim_due(
+                        db,
+                        owner=credentials.owner,
+                        until=broker.now() + lease,
+                        limit=want,
+                        skip_locked=not broker.database.is_sqlite,
+                    )
+                result.claimed += len(due)
+                waiting.extend(due)
+                # Fewer than asked: that was all that was due. What falls due meanwhile is
+                # the next sweep's (with short-lived tokens there always is some).
+                more = len(due) == want
+        if stopping() or not waiting:
+            return None
+        return waiting.popleft()
+
+    async def worker() -> None:
+        # Stopping: no new refresh starts; the one in hand finishes and stores its answer.
+        while (row := await next_row()) is not None:
+            await one(row)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(limit)))
+    finally:
+        if waiting:  # stopping (or cancelled): give back the leases of rows never started
+            await _give_back(broker, waiting)
     if stop is None or not stop.is_set():
         result.delivered = await deliver_due(broker)
     return result
+
+
+async def _give_back(broker: Broker, rows: deque[Connection]) -> None:
+    """Release the leases of rows claimed but never started (the sweep is stopping)."""
+    owner = broker.tokens.owner
+    try:
+        async with broker.session() as db, db.begin():
+            for row in rows:
+                await broker.repository.release(db, row.group_id, row.integration, owner=owner)
+    except (DBAPIError, OSError) as exc:
+        log.warning("could not release %d unstarted leases (%s); they run out on their own",
+                    len(rows), type(exc).__name__)
 
 
 class Refresher:

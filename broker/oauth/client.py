@@ -30,7 +30,7 @@ from ..errors import TokenEndpointError
 from .decisions import classify, safe_error_code
 from .tokens import lifetime_seconds
 
-__all__ = ["client_credentials", "exchange_code", "refresh"]
+__all__ = ["client_credentials", "exchange_code", "refresh", "token_transport"]
 
 Spec = OAuth2Provider | OAuth2ClientCredentialsProvider
 
@@ -61,6 +61,32 @@ class _JSONBody(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _Borrowed(httpx.AsyncBaseTransport):
+    """A transport the client uses but does not own: closing the client leaves it open."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def token_transport() -> httpx.AsyncHTTPTransport:
+    """The keep-alive connection pool a broker's token requests share (the broker closes
+    it). A new TCP (and TLS) connection per refresh was most of a refresh's cost; pooled
+    connections carry no state between requests beyond the connection itself: each token
+    request still gets its own client, headers and cookies."""
+    return httpx.AsyncHTTPTransport(
+        verify=_tls_context(),
+        limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=64, keepalive_expiry=5.0
+        ),
+    )
 
 
 @functools.cache
@@ -99,6 +125,11 @@ def _lifetime_hook(default: int) -> Callable[[httpx.Response], httpx.Response]:
             return response
         if not isinstance(body, dict) or not {"expires_in", "expires_at"} & set(body):
             return response
+        given = body.get("expires_in")
+        if "expires_at" not in body and type(given) is int and (
+            lifetime_seconds(given, default) == given
+        ):
+            return response  # the common case: nothing to change
         if "expires_in" in body:
             body["expires_in"] = lifetime_seconds(body["expires_in"], default)
         body.pop("expires_at", None)
@@ -123,13 +154,18 @@ async def _request(
     redirect_uri: str | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict[str, Any]:
+    """One token request through a fresh Authlib client. ``transport``: a connection pool
+    to borrow (``token_transport``; left open); without one, a connection of its own."""
     last: dict[str, Any] = {}
 
     async def remember(response: httpx.Response) -> None:
         last["status"] = response.status_code
         last["retry_after"] = _retry_after(response.headers.get("retry-after"))
 
-    inner = transport or httpx.AsyncHTTPTransport(verify=_tls_context())
+    inner: httpx.AsyncBaseTransport = (
+        _Borrowed(transport) if transport is not None
+        else httpx.AsyncHTTPTransport(verify=_tls_context())
+    )
     client = AsyncOAuth2Client(
         client_id=client_id,
         client_secret=client_secret,

@@ -202,7 +202,7 @@ async def finish(
             code_verifier=flow.verifier,
             redirect_uri=broker.settings.redirect_uri,
             settings=flow.settings,
-            transport=transport,
+            transport=transport if transport is not None else broker.token_transport,
         )
     except TokenEndpointError as exc:
         reason = f" ({exc.error})" if exc.error else ""

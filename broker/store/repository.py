@@ -12,19 +12,54 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..crypto import Keyring
 from ..errors import CredentialCorrupt
-from ..events import record
-from .models import Connection
+from ..events import Recorded, record, record_many
+from .models import Connection, connections_table
 
 if TYPE_CHECKING:
     from ..config import WebhookSettings
 
-__all__ = ["ConnectionInfo", "Credential", "Repository", "RotationBatch", "utcnow"]
+__all__ = [
+    "ConnectionInfo",
+    "Credential",
+    "Refreshed",
+    "Repository",
+    "RotationBatch",
+    "utcnow",
+]
+
+
+_c = connections_table.c
+# Built once: a refresh stores its token through this statement (Core, bound parameters),
+# so no statement is built, no cache key computed and no ORM bookkeeping done per row.
+_STORE_REFRESHED = (
+    update(connections_table)
+    .where(
+        _c.group_id == bindparam("b_group_id"),
+        _c.integration == bindparam("b_integration"),
+        _c.version == bindparam("b_version"),
+        _c.lease_owner == bindparam("b_lease_owner"),
+    )
+    .values(
+        credential=bindparam("b_credential"),
+        key_id=bindparam("b_key_id"),
+        version=_c.version + 1,
+        status="connected",
+        updated_at=bindparam("b_now"),
+        expires_at=bindparam("b_expires_at"),
+        next_refresh_at=bindparam("b_next_refresh_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+        failure_count=0,
+        last_error=None,
+    )
+    .returning(_c.id)
+)
 
 
 def utcnow() -> datetime:
@@ -68,6 +103,22 @@ class Credential:
 
     info: ConnectionInfo
     data: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """A refreshed credential to store (``Repository.store_refreshed``)."""
+
+    group_id: str
+    integration: str
+    version: int
+    """The row version it was refreshed from."""
+    data: dict[str, Any] = field(repr=False)
+    expires_at: datetime | None
+    next_refresh_at: datetime | None
+    lease_owner: str
+    kind: str = "refreshed"
+    """The event to record: ``refreshed``, or ``recovered`` after failures."""
 
 
 class Repository:
@@ -180,52 +231,40 @@ class Repository:
             )
         return removed
 
-    async def replace_if_version(
-        self,
-        db: AsyncSession,
-        group_id: str,
-        integration: str,
-        version: int,
-        data: dict[str, Any],
-        *,
-        expires_at: datetime | None,
-        next_refresh_at: datetime | None,
-        lease_owner: str | None = None,
-    ) -> ConnectionInfo | None:
-        """Store a refreshed credential only if the row is still at ``version`` (and, with
-        ``lease_owner``, only while that owner holds the lease); release the lease.
-
-        Returns the new info, or None when someone else changed the row meanwhile.
+    async def store_refreshed(
+        self, db: AsyncSession, items: Sequence[Refreshed]
+    ) -> Sequence[bool]:
+        """Store refreshed credentials, each only if its row is still at the version it was
+        refreshed from and ``lease_owner`` still holds the lease (which is released), with
+        an event for each one stored. True for each stored, False where someone else
+        changed the row meanwhile.
         """
-        sealed = self.keyring.seal(group_id, integration, data)
-        conditions = [
-            Connection.group_id == group_id,
-            Connection.integration == integration,
-            Connection.version == version,
-        ]
-        if lease_owner is not None:
-            conditions.append(Connection.lease_owner == lease_owner)
-        row = (
-            await db.execute(
-                update(Connection)
-                .where(*conditions)
-                .values(
-                    credential=sealed.token,
-                    key_id=sealed.key_id,
-                    version=Connection.version + 1,
-                    status="connected",
-                    updated_at=self.clock(),
-                    expires_at=expires_at,
-                    next_refresh_at=next_refresh_at,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    failure_count=0,
-                    last_error=None,
-                )
-                .returning(Connection)
+        stored = []
+        now = self.clock()
+        for item in items:
+            sealed = self.keyring.seal(item.group_id, item.integration, item.data)
+            result = await db.execute(
+                _STORE_REFRESHED,
+                {
+                    "b_group_id": item.group_id, "b_integration": item.integration,
+                    "b_version": item.version, "b_lease_owner": item.lease_owner,
+                    "b_credential": sealed.token, "b_key_id": sealed.key_id, "b_now": now,
+                    "b_expires_at": item.expires_at, "b_next_refresh_at": item.next_refresh_at,
+                },
             )
-        ).scalar_one_or_none()
-        return None if row is None else ConnectionInfo.of(row)
+            stored.append(result.first() is not None)
+        await record_many(
+            db,
+            [
+                Recorded(
+                    item.group_id, item.integration, item.kind, now,
+                    {"expires_at": item.expires_at.isoformat() if item.expires_at else None},
+                )
+                for item, ok in zip(items, stored, strict=True) if ok
+            ],
+            webhooks=self.webhooks,
+        )
+        return stored
 
     async def claim(
         self,
@@ -277,8 +316,9 @@ class Repository:
 
     async def claim_due(
         self, db: AsyncSession, *, owner: str, until: datetime, limit: int, skip_locked: bool
-    ) -> Sequence[tuple[str, str]]:
-        """Lease up to ``limit`` connections whose ``next_refresh_at`` has come.
+    ) -> Sequence[Connection]:
+        """Lease up to ``limit`` connections whose ``next_refresh_at`` has come; returns
+        their rows (as leased: the refresher needs no second read).
 
         The due-query walks ``ix_connections_next_refresh_at`` from the oldest due entry,
         so its cost depends on how many are due, not on how many connections exist.
@@ -301,10 +341,10 @@ class Repository:
             update(Connection)
             .where(Connection.id.in_(due.scalar_subquery()))
             .values(lease_owner=owner, lease_expires_at=until)
-            .returning(Connection.group_id, Connection.integration)
+            .returning(Connection)
             .execution_options(synchronize_session=False)
         )
-        return [(g, i) for g, i in rows.all()]
+        return list(rows.scalars().all())
 
     async def release(
         self,
