@@ -34,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from broker.cli import quiet_gc
+
 ROUTE = "/groups/{group_id}/integrations/{name}/credentials"
 
 
@@ -74,6 +76,7 @@ async def serve(app: Any, ready: dict[str, Any], before: Any = None) -> None:
         await asyncio.sleep(0.01)
     if before is not None:
         ready.update(await before())
+    quiet_gc()  # as ``broker serve`` does, for both servers
     ready["port"] = sock.getsockname()[1]
     print("READY " + json.dumps(ready), flush=True)
     await task

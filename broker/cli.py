@@ -13,6 +13,7 @@ exits non-zero with the problems listed before it touches the database.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -157,11 +158,21 @@ def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None
                 )
             )
             log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)
+            quiet_gc()
             await server.serve()
         finally:
             await broker.close()
 
     _run(run())
+
+
+def quiet_gc() -> None:
+    """Move everything loaded at start-up (modules, settings, the catalog: hundreds of
+    thousands of objects) out of the garbage collector's sight (``gc.freeze``). A full
+    collection then walks only what requests create: in a burst of 1,000 requests it was
+    a pause of about 85 ms on every request in flight (bench/, issue #7)."""
+    gc.collect()
+    gc.freeze()
 
 
 @main.command()

@@ -5,8 +5,9 @@ half its lifetime, for tokens shorter than that); closer to expiry it is refresh
 
 Single flight, at two levels:
 
-- In this process, every caller wanting a refresh of one connection awaits one shared
-  future (on-demand requests and the sweep alike).
+- In this process (``flights.Flights``), every caller wanting a refresh of one connection
+  waits for the one refresh running (on-demand requests and the sweep alike), and callers
+  that miss the cache for one connection share one read (and the refresh it may lead to).
 - Across processes and replicas, the refresher takes a *lease* on the row (a conditional
   UPDATE: free, or its holder's lease ran out), longer than the token request's timeout,
   so a crashed holder blocks nobody for long. After claiming it re-reads the row: if
@@ -15,7 +16,8 @@ Single flight, at two levels:
   token is written only while the lease is still ours.
 
 Outcomes (see ``oauth.decisions``): success stores the new tokens (keeping the old refresh
-token when none comes back) in the same statement that releases the lease; a transient
+token when none comes back) in the same statement that releases the lease, through
+``writes.RefreshWriter`` (refreshes finishing together share a transaction); a transient
 failure reschedules with backoff and leaves the connection ``connected`` — a still-valid
 token keeps being handed out, an expired one gives ``IntegrationUnavailable``;
 ``invalid_grant`` re-reads the row once, then marks it ``reauth_required``; an operator
@@ -50,6 +52,7 @@ from .errors import (
     UnknownIntegration,
 )
 from .events import record
+from .flights import Flights
 from .integrations import Integration
 from .oauth import client
 from .oauth.decisions import Outcome
@@ -61,7 +64,6 @@ from .writes import RefreshWriter
 
 if TYPE_CHECKING:
     from .runtime import Broker
-    from .store.repository import Credential
 
 __all__ = ["Credentials", "expiry"]
 
@@ -75,6 +77,10 @@ def expiry(token: dict[str, Any]) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
 
 
+def _view(auth_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    return node_view(data) if auth_type in TOKEN_TYPES else dict(data)
+
+
 def is_stale(token: dict[str, Any], now: datetime, min_validity: float) -> bool:
     lifetime = float(token.get("lifetime") or 0)
     if lifetime:
@@ -86,9 +92,9 @@ class Credentials:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
-        self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
-        # Reads in flight, with when each began: concurrent callers share one.
-        self._reads: dict[tuple[str, str], tuple[float, asyncio.Future[Credential | None]]] = {}
+        # Single flights per connection: refreshes, and cache-miss loads (read + refresh).
+        self._refreshes: Flights[dict[str, Any]] = Flights()
+        self._loads: Flights[tuple[str, dict[str, Any]]] = Flights()
         self._operator_errors_logged: set[str] = set()
         self.cache = CredentialCache(broker)
         self.writer = RefreshWriter(broker)
@@ -105,22 +111,49 @@ class Credentials:
     ) -> dict[str, Any]:
         """What a node gets (see the module doc). ``use_cache=False`` always reads the row."""
         key = integration.key
-        if use_cache and not force_refresh:
-            entry = self.cache.get((group_id, key))
-            if entry is not None:
-                if entry.auth_type not in TOKEN_TYPES:
-                    return dict(entry.data)
-                if entry.status == "reauth_required":
-                    raise IntegrationNeedsReauth(key, integration.name)
-                if not self._stale(entry.data):
-                    return node_view(entry.data)
+        if not use_cache or force_refresh:
+            auth_type, data = await self._load(
+                group_id, integration, force=force_refresh, use_cache=use_cache
+            )
+            return _view(auth_type, data)
+        entry = self.cache.get((group_id, key))
+        if entry is not None:
+            if entry.auth_type not in TOKEN_TYPES:
+                return dict(entry.data)
+            if entry.status == "reauth_required":
+                raise IntegrationNeedsReauth(key, integration.name)
+            if not self._stale(entry.data):
+                return node_view(entry.data)
+            # Cached but due: straight to the refresh, which reads the row under its lease.
+            return node_view(
+                await self.refresh(group_id, integration, seen_version=entry.version)
+            )
+        flight = (group_id, key)
+        started = self._loads.started(flight)
+        if started is None:
+            auth_type, data = await self._loads.run(
+                flight, lambda: self._load(group_id, integration, use_cache=True)
+            )
+        elif not self.cache.invalidated_since(flight, started):
+            # A burst of callers for one connection makes one read (and at most one
+            # refresh), not one each queued for the pool ahead of the refresh.
+            auth_type, data = await self._loads.join(flight)
+        else:
+            # The load in flight began before this process last changed the connection:
+            # its answer may be older than a write this caller could have seen.
+            auth_type, data = await self._load(group_id, integration, use_cache=True)
+        return _view(auth_type, data)
+
+    async def _load(
+        self, group_id: str, integration: Integration, *, use_cache: bool, force: bool = False
+    ) -> tuple[str, dict[str, Any]]:
+        """Read the connection (caching it), and refresh its token when due or ``force``.
+        Returns its auth type and its stored data."""
+        key = integration.key
         read_started = time.monotonic()
         try:
-            if use_cache and not force_refresh:
-                read_started, found = await self._shared_read(group_id, key)
-            else:
-                async with self.broker.session() as db:
-                    found = await self.broker.repository.get(db, group_id, key)
+            async with self.broker.session() as db:
+                found = await self.broker.repository.get(db, group_id, key)
         except CredentialCorrupt:
             await self._mark_corrupt(group_id, key)
             raise
@@ -132,47 +165,19 @@ class Credentials:
                 Entry(found.info.version, found.info.auth_type, found.info.status, found.data),
                 read_started=read_started,
             )
-        if found.info.auth_type not in TOKEN_TYPES:
-            return dict(found.data)
+        auth_type = found.info.auth_type
+        if auth_type not in TOKEN_TYPES:
+            return auth_type, found.data
         if found.info.status == "reauth_required":
             raise IntegrationNeedsReauth(key, integration.name)
         if found.info.status == "corrupt":
             raise CredentialCorrupt(f"connection {key!r} of group {group_id!r} is corrupt")
         token = found.data
-        if force_refresh or self._stale(token):
+        if force or self._stale(token):
             token = await self.refresh(
-                group_id, integration, seen_version=found.info.version, force=force_refresh
+                group_id, integration, seen_version=found.info.version, force=force
             )
-        return node_view(token)
-
-    async def _shared_read(self, group_id: str, key: str) -> tuple[float, Credential | None]:
-        """Read one connection, sharing a read of it already in flight.
-
-        A burst of callers for one connection then makes one query, not one each (queued
-        for the pool, ahead of the refresh they all end up waiting for). A read that began
-        before this process last changed the connection is not shared. Returns when the
-        read began (for ``cache.put``) and what it found.
-        """
-        flight = (group_id, key)
-        shared = self._reads.get(flight)
-        if shared is not None and not self.cache.invalidated_since(flight, shared[0]):
-            return shared[0], await asyncio.shield(shared[1])
-        started = time.monotonic()
-        future: asyncio.Future[Credential | None] = asyncio.get_running_loop().create_future()
-        self._reads[flight] = (started, future)
-        try:
-            async with self.broker.session() as db:
-                found = await self.broker.repository.get(db, group_id, key)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here; sharers re-raise it
-            raise
-        else:
-            future.set_result(found)
-            return started, found
-        finally:
-            if self._reads.get(flight, (0.0, None))[1] is future:
-                del self._reads[flight]
+        return auth_type, token
 
     def _stale(self, token: dict[str, Any]) -> bool:
         min_validity = float(self.broker.settings.refresh.min_validity_seconds)
@@ -223,26 +228,21 @@ class Credentials:
         refreshed). ``claimed``: the row as the caller (the sweep) leased it.
         """
         flight = (group_id, integration.key)
-        pending = self._inflight.get(flight)
-        if pending is not None:
+        if self._refreshes.running(flight):
+            outcome = self._refreshes.join(flight)
             if claimed is not None:  # the sweep's lease is redundant: the running refresh
-                await self._release(group_id, integration.key, {})  # holds its own
-            return await asyncio.shield(pending)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._inflight[flight] = future
-        try:
-            result = await self._refresh_leased(
+                try:  # holds its own
+                    await self._release(group_id, integration.key, {})
+                except BaseException:
+                    outcome.cancel()  # nobody will wait for it
+                    raise
+            return await outcome
+        return await self._refreshes.run(
+            flight,
+            lambda: self._refresh_leased(
                 group_id, integration, seen_version=seen_version, force=force, claimed=claimed
-            )
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here; waiters re-raise it
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[flight]
+            ),
+        )
 
     def _lease_seconds(self, integration: Integration) -> float:
         timeout = getattr(integration.provider, "timeout_seconds", 15.0)
@@ -389,7 +389,7 @@ class Credentials:
         )
         pause = 0.05
         refreshed = Refreshed(
-            group_id, key, row.version, token,
+            row.id, group_id, key, row.version, token,
             expires_at=expires_at,
             next_refresh_at=broker.next_refresh_at(requested_at, expires_at, spec),
             lease_owner=self.owner,

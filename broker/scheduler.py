@@ -91,23 +91,29 @@ async def sweep(
     waiting: deque[Connection] = deque()
     more = True
     claiming = asyncio.Lock()
+    claim_failed: BaseException | None = None
 
     def stopping() -> bool:
         return stop is not None and stop.is_set()
 
     async def next_row() -> Connection | None:
-        nonlocal more
+        nonlocal more, claim_failed
         async with claiming:  # one claim at a time; free (no wait) when nobody claims
             if more and not stopping() and len(waiting) < limit and result.claimed < budget:
                 want = min(2 * limit - len(waiting), budget - result.claimed)
-                async with broker.session() as db, db.begin():
-                    due = await broker.repository.claim_due(
-                        db,
-                        owner=credentials.owner,
-                        until=broker.now() + lease,
-                        limit=want,
-                        skip_locked=not broker.database.is_sqlite,
-                    )
+                try:
+                    async with broker.session() as db, db.begin():
+                        due = await broker.repository.claim_due(
+                            db,
+                            owner=credentials.owner,
+                            until=broker.now() + lease,
+                            limit=want,
+                            skip_locked=not broker.database.is_sqlite,
+                        )
+                except Exception as exc:
+                    # No more claims in this sweep; the refreshes under way finish (their
+                    # answers must be stored), then the sweep raises it.
+                    claim_failed, more, due = exc, False, []
                 result.claimed += len(due)
                 waiting.extend(due)
                 # Fewer than asked: that was all that was due. What falls due meanwhile is
@@ -127,6 +133,8 @@ async def sweep(
     finally:
         if waiting:  # stopping (or cancelled): give back the leases of rows never started
             await _give_back(broker, waiting)
+    if claim_failed is not None:
+        raise claim_failed
     if stop is None or not stop.is_set():
         result.delivered = await deliver_due(broker)
     return result

@@ -35,13 +35,14 @@ class RefreshWriter:
         when the row had changed meanwhile. Raises what the database raised.
 
         A caller cancelled while waiting does not cancel the write: a provider's answer,
-        once received, is stored.
+        once received, is stored (the future is the caller's alone; cancelling it only
+        tells the writer nobody waits for the outcome).
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain())
-        return await asyncio.shield(future)
+        return await future
 
     async def _drain(self) -> None:
         try:

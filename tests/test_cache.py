@@ -102,3 +102,38 @@ async def test_a_local_disconnect_is_seen_at_once(replicas: Any) -> None:
         await a.repository.delete(db, "g1", "openweathermap")
     with pytest.raises(IntegrationNotConnected):
         await a.credentials("g1", "openweathermap")
+
+
+async def test_a_burst_of_cache_misses_for_one_connection_makes_one_read(replicas: Any) -> None:
+    """Callers that miss the cache while a read of the same connection is in flight share
+    it; a read that began before this process changed the connection is not shared."""
+    from sqlalchemy import event
+
+    a, _ = replicas
+    await connect(a, "g1", KEY_A)
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("SELECT") and "FROM connections" in statement:
+            reads.append(statement)
+
+    engine = a.database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        a.tokens.cache.entries.clear()
+        got = await asyncio.gather(*(a.credentials("g1", "openweathermap") for _ in range(100)))
+        assert got == [{"api_key": KEY_A}] * 100
+        assert len(reads) == 1
+
+        # A change made here while a read is in flight: later callers read again, and see it.
+        a.tokens.cache.entries.clear()
+        reads.clear()
+        first = asyncio.create_task(a.credentials("g1", "openweathermap"))
+        await asyncio.sleep(0)  # the read is in flight
+        await connect(a, "g1", KEY_B)
+        after = await a.credentials("g1", "openweathermap")
+        assert after == {"api_key": KEY_B}
+        assert (await first)["api_key"] in (KEY_A, KEY_B)
+        assert len(reads) >= 2
+    finally:
+        event.remove(engine, "before_cursor_execute", count)

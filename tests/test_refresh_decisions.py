@@ -17,6 +17,7 @@ from broker.refresh import (
     BACKOFF_CAP,
     backoff,
     keep_alive_at,
+    lease_covers,
     needs_refresh,
     next_refresh_at,
     refresh_margin,
@@ -345,3 +346,29 @@ def test_node_view_never_contains_a_refresh_token_or_client_secret() -> None:
     assert set(view) == {
         "access_token", "token_type", "expires_at", "scope", "instance_url", "subdomain",
     }
+
+
+# --- a sweep's claimed lease: use it, or renew it first --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("left", "timeout", "covers"),
+    [
+        (35.0, 15.0, True),  # just claimed: 2 x timeout + 5 s left
+        (20.0, 15.0, True),  # exactly the request's timeout plus 5 s
+        (19.9, 15.0, False),
+        (5.0, 15.0, False),
+        (0.0, 15.0, False),
+        (-3.0, 15.0, False),  # ran out: someone else may hold it now
+        (11.0, 3.0, True),
+        (7.9, 3.0, False),
+    ],
+)
+def test_a_claimed_lease_is_used_only_with_room_for_the_request_and_the_write(
+    left: float, timeout: float, covers: bool
+) -> None:
+    assert lease_covers(NOW + timedelta(seconds=left), NOW, request_timeout=timeout) is covers
+
+
+def test_no_lease_covers_nothing() -> None:
+    assert lease_covers(None, NOW, request_timeout=1.0) is False

@@ -109,6 +109,7 @@ class Credential:
 class Refreshed:
     """A refreshed credential to store (``Repository.store_refreshed``)."""
 
+    row_id: int
     group_id: str
     integration: str
     version: int
@@ -239,9 +240,12 @@ class Repository:
         an event for each one stored. True for each stored, False where someone else
         changed the row meanwhile.
         """
-        stored = []
+        stored = {}
         now = self.clock()
-        for item in items:
+        # In id order, as every statement locking several rows takes them (key rotation):
+        # two transactions never wait for each other's rows in a cycle (PostgreSQL would
+        # abort one as a deadlock).
+        for item in sorted(items, key=lambda i: i.row_id):
             sealed = self.keyring.seal(item.group_id, item.integration, item.data)
             result = await db.execute(
                 _STORE_REFRESHED,
@@ -252,7 +256,7 @@ class Repository:
                     "b_expires_at": item.expires_at, "b_next_refresh_at": item.next_refresh_at,
                 },
             )
-            stored.append(result.first() is not None)
+            stored[item.row_id] = result.first() is not None
         await record_many(
             db,
             [
@@ -260,11 +264,11 @@ class Repository:
                     item.group_id, item.integration, item.kind, now,
                     {"expires_at": item.expires_at.isoformat() if item.expires_at else None},
                 )
-                for item, ok in zip(items, stored, strict=True) if ok
+                for item in items if stored[item.row_id]
             ],
             webhooks=self.webhooks,
         )
-        return stored
+        return [stored[item.row_id] for item in items]
 
     async def claim(
         self,
