@@ -55,7 +55,10 @@ KINDS = (
     "corrupt",
 )
 MAX_ATTEMPTS = 8
-EVENTS = events_table  # Core inserts: no ORM bulk-insert machinery per event
+EVENTS = events_table
+# Built once, parameters bound per call: no statement built, no cache key computed and no
+# ORM bulk-insert machinery per event (events are written on every refresh).
+_INSERT_EVENT = insert(EVENTS)
 SIGNATURE_HEADER = "Broker-Signature"
 
 
@@ -104,9 +107,9 @@ async def record(
     # Read by the session's after_commit hook: the credential cache drops these keys.
     db.info.setdefault("broker.changed", set()).add((group_id, integration))
     if not webhooks:
-        await db.execute(insert(EVENTS).values(values))
+        await db.execute(_INSERT_EVENT, values)
         return
-    event_id = (await db.execute(insert(EVENTS).values(values).returning(EVENTS.c.id))).scalar_one()
+    event_id = (await db.execute(_INSERT_EVENT.returning(EVENTS.c.id), values)).scalar_one()
     await db.execute(
         insert(webhook_deliveries_table),
         [
@@ -148,7 +151,7 @@ async def record_many(
             "group_id": e.group_id, "integration": e.integration, "kind": e.kind,
             "detail": e.detail, "created_at": e.now,
         })
-    await db.execute(insert(EVENTS), rows)
+    await db.execute(_INSERT_EVENT, rows)
 
 
 def event_dict(event: Event) -> dict[str, Any]:

@@ -91,37 +91,49 @@ async def sweep(
     waiting: deque[Connection] = deque()
     more = True
     claiming = asyncio.Lock()
-    claim_failed: BaseException | None = None
+    claim_failed: Exception | None = None
 
     def stopping() -> bool:
         return stop is not None and stop.is_set()
 
-    async def next_row() -> Connection | None:
+    def wants_more() -> bool:
+        return more and not stopping() and len(waiting) < limit and result.claimed < budget
+
+    async def claim() -> None:
         nonlocal more, claim_failed
-        async with claiming:  # one claim at a time; free (no wait) when nobody claims
-            if more and not stopping() and len(waiting) < limit and result.claimed < budget:
-                want = min(2 * limit - len(waiting), budget - result.claimed)
-                try:
-                    async with broker.session() as db, db.begin():
-                        due = await broker.repository.claim_due(
-                            db,
-                            owner=credentials.owner,
-                            until=broker.now() + lease,
-                            limit=want,
-                            skip_locked=not broker.database.is_sqlite,
-                        )
-                except Exception as exc:
-                    # No more claims in this sweep; the refreshes under way finish (their
-                    # answers must be stored), then the sweep raises it.
-                    claim_failed, more, due = exc, False, []
-                result.claimed += len(due)
-                waiting.extend(due)
-                # Fewer than asked: that was all that was due. What falls due meanwhile is
-                # the next sweep's (with short-lived tokens there always is some).
-                more = len(due) == want
-        if stopping() or not waiting:
-            return None
-        return waiting.popleft()
+        want = min(2 * limit - len(waiting), budget - result.claimed)
+        try:
+            async with broker.database.write() as db:
+                due = await broker.repository.claim_due(
+                    db,
+                    owner=credentials.owner,
+                    until=broker.now() + lease,
+                    limit=want,
+                    skip_locked=not broker.database.is_sqlite,
+                )
+        except Exception as exc:
+            # No more claims in this sweep; the refreshes under way finish (their answers
+            # must be stored), then the sweep raises it.
+            claim_failed, more, due = exc, False, []
+        result.claimed += len(due)
+        waiting.extend(due)
+        # Fewer than asked: that was all that was due. What falls due meanwhile is the
+        # next sweep's (with short-lived tokens there always is some).
+        more = more and len(due) == want
+
+    async def next_row() -> Connection | None:
+        while not stopping():
+            if wants_more() and not claiming.locked():
+                async with claiming:  # one claim at a time; the others go on meanwhile
+                    await claim()
+            elif waiting:
+                return waiting.popleft()
+            elif claiming.locked():
+                async with claiming:  # nothing left here: wait for the claim under way
+                    pass
+            else:
+                return None
+        return None
 
     async def worker() -> None:
         # Stopping: no new refresh starts; the one in hand finishes and stores its answer.

@@ -60,7 +60,7 @@ class RefreshWriter:
     async def _write(self, batch: list[tuple[Refreshed, asyncio.Future[bool]]]) -> None:
         broker = self.broker
         try:
-            async with broker.session() as db, db.begin():
+            async with broker.database.write() as db:
                 stored = await broker.repository.store_refreshed(db, [i for i, _ in batch])
         except Exception as exc:
             if len(batch) > 1:

@@ -8,6 +8,7 @@ take turns.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -57,6 +58,7 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         # Copied into every session: how the integration API finds its broker from ``db``.
         self.info: dict[str, Any] = dict(info or {})
+        self._writer = asyncio.Lock() if self.is_sqlite else None
         self.sessions = async_sessionmaker(
             self.engine, expire_on_commit=False, info=self.info, sync_session_class=BrokerSession
         )
@@ -64,6 +66,19 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction, for the refresh path's writes (the sweep's claims,
+        stores of refreshed tokens). SQLite has one writer at a time: these writes take
+        turns here, in asyncio, instead of in SQLite's busy handler (which sleeps 1 to
+        100 ms per try while the writer holding the lock goes on)."""
+        if self._writer is None:
+            async with self.session() as session, session.begin():
+                yield session
+            return
+        async with self._writer, self.session() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:
