@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,15 @@ def expiry(token: dict[str, Any]) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """A refresh's outcome: the token to use, and whether it is a new one (False: the
+    refresh failed or was not needed, and a still-valid token was kept)."""
+
+    token: dict[str, Any] = field(repr=False)
+    renewed: bool
+
+
 def _view(auth_type: str, data: dict[str, Any]) -> dict[str, Any]:
     return node_view(data) if auth_type in TOKEN_TYPES else dict(data)
 
@@ -93,7 +103,7 @@ class Credentials:
         self.broker = broker
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
         # Single flights per connection: refreshes, and cache-miss loads (read + refresh).
-        self._refreshes: Flights[dict[str, Any]] = Flights()
+        self._refreshes: Flights[Renewal] = Flights()
         self._loads: Flights[tuple[str, dict[str, Any]]] = Flights()
         self._operator_errors_logged: set[str] = set()
         self.cache = CredentialCache(broker)
@@ -220,13 +230,37 @@ class Credentials:
         *,
         seen_version: int | None,
         force: bool = False,
-        claimed: Connection | None = None,
     ) -> dict[str, Any]:
         """The connection's fresh token; one refresh per connection at a time.
 
         ``seen_version``: the version the caller saw (a newer one means someone already
-        refreshed). ``claimed``: the row as the caller (the sweep) leased it.
+        refreshed).
         """
+        renewal = await self._refresh(
+            group_id, integration, seen_version=seen_version, force=force, claimed=None
+        )
+        return renewal.token
+
+    async def refresh_claimed(
+        self, group_id: str, integration: Integration, claimed: Connection
+    ) -> bool:
+        """Refresh a connection the caller (the sweep) has leased, ``claimed`` being its
+        row as leased. True when it got a new token; False when the refresh failed and a
+        still-valid token was kept."""
+        renewal = await self._refresh(
+            group_id, integration, seen_version=None, force=False, claimed=claimed
+        )
+        return renewal.renewed
+
+    async def _refresh(
+        self,
+        group_id: str,
+        integration: Integration,
+        *,
+        seen_version: int | None,
+        force: bool,
+        claimed: Connection | None,
+    ) -> Renewal:
         flight = (group_id, integration.key)
         if self._refreshes.running(flight):
             outcome = self._refreshes.join(flight)
@@ -256,7 +290,7 @@ class Credentials:
         seen_version: int | None,
         force: bool,
         claimed: Connection | None,
-    ) -> dict[str, Any]:
+    ) -> Renewal:
         broker = self.broker
         key = integration.key
         lease = self._lease_seconds(integration)
@@ -296,10 +330,10 @@ class Credentials:
                 raise IntegrationNeedsReauth(key, integration.name)
             changed = seen_version is not None and current.info.version != seen_version
             if changed and not self._stale(current.data):
-                return current.data
+                return Renewal(current.data, renewed=True)
             if broker.now() >= deadline:
                 if (expiry(current.data) or broker.now()) > broker.now():
-                    return current.data
+                    return Renewal(current.data, renewed=changed)
                 raise IntegrationUnavailable(key, integration.name)
             await asyncio.sleep(POLL_SECONDS)
 
@@ -311,7 +345,7 @@ class Credentials:
         *,
         seen_version: int | None,
         force: bool,
-    ) -> dict[str, Any]:
+    ) -> Renewal:
         """We hold the lease on ``row``: refresh it unless someone just did."""
         broker = self.broker
         key = integration.key
@@ -327,12 +361,12 @@ class Credentials:
             raise IntegrationNeedsReauth(key, integration.name)
         if refreshed_meanwhile and not self._stale(old):
             await self._release(group_id, key, {})
-            return old
+            return Renewal(old, renewed=True)  # by someone else
         if not force and seen_version is not None and not self._stale(old) and (
             row.next_refresh_at is None or row.next_refresh_at > broker.now()
         ):
             await self._release(group_id, key, {})
-            return old
+            return Renewal(old, renewed=False)
         now = broker.now()
         if (
             not force and seen_version is not None and row.failure_count
@@ -342,7 +376,7 @@ class Credentials:
             # Backing off after a failed refresh (or told Retry-After): a still-valid token
             # is handed out without asking the provider again on every call.
             await self._release(group_id, key, {})
-            return old
+            return Renewal(old, renewed=False)
         if (
             not force and row.last_error == "http_429"
             and row.next_refresh_at is not None and row.next_refresh_at > now
@@ -421,8 +455,8 @@ class Credentials:
                 current = await broker.repository.get(db, group_id, key)
             if current is None:
                 raise IntegrationNotConnected([key], group_id)
-            return current.data
-        return token
+            return Renewal(current.data, renewed=True)
+        return Renewal(token, renewed=True)
 
     async def _token_request(self, integration: Integration, old: dict[str, Any]) -> Any:
         spec = integration.provider
@@ -463,7 +497,7 @@ class Credentials:
         row: Connection,
         old: dict[str, Any],
         exc: TokenEndpointError,
-    ) -> dict[str, Any]:
+    ) -> Renewal:
         broker = self.broker
         key = integration.key
         now = broker.now()
@@ -481,7 +515,7 @@ class Credentials:
                 current = await broker.repository.get(db, group_id, key)
             if current is not None and current.info.version != row.version:
                 await self._release(group_id, key, {})
-                return current.data
+                return Renewal(current.data, renewed=True)  # by another replica
             log.warning("connection %s/%s needs reauth: %s", group_id, key, exc)
             async with broker.session() as db, db.begin():
                 await broker.repository.release(
@@ -526,5 +560,5 @@ class Credentials:
             )
         expires_at = expiry(old)
         if expires_at is not None and expires_at > now:
-            return old
+            return Renewal(old, renewed=False)
         raise IntegrationUnavailable(key, integration.name) from None

@@ -36,7 +36,9 @@ log = logging.getLogger("broker.refresh")
 class SweepResult:
     claimed: int = 0
     refreshed: int = 0
+    """Connections that got a new token."""
     failed: int = 0
+    """Connections whose refresh failed, including those whose still-valid token was kept."""
     delivered: int = 0
 
 
@@ -73,10 +75,10 @@ async def sweep(
                 )
             return
         try:
-            await credentials.refresh(
-                group_id, broker.registry.get(key), seen_version=None, claimed=row
-            )
-            result.refreshed += 1
+            if await credentials.refresh_claimed(group_id, broker.registry.get(key), row):
+                result.refreshed += 1
+            else:  # the refresh failed and the still-valid token was kept (an event says so)
+                result.failed += 1
         except BrokerError:
             result.failed += 1  # recorded as an event; the connection was rescheduled
         except (DBAPIError, OSError) as exc:
