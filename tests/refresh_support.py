@@ -253,6 +253,10 @@ class Refresher:
                 total += int(part.split()[0])
         return total
 
+    def sweeps(self) -> int:
+        """Sweeps this process ran (APScheduler's "Running job" lines)."""
+        return sum(1 for line in self.output().splitlines() if "Running job" in line)
+
     def summary(self) -> str:
         """Sweeps run and what they reported (for assertion messages)."""
         lines = self.output().splitlines()
