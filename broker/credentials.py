@@ -278,9 +278,13 @@ class Credentials:
             ),
         )
 
+    @staticmethod
+    def _timeout(integration: Integration) -> float:
+        """The token request's timeout (providers without one: 15 s)."""
+        return float(getattr(integration.provider, "timeout_seconds", 15.0))
+
     def _lease_seconds(self, integration: Integration) -> float:
-        timeout = getattr(integration.provider, "timeout_seconds", 15.0)
-        return 2 * float(timeout) + 5.0
+        return 2 * self._timeout(integration) + 5.0
 
     async def _refresh_leased(
         self,
@@ -295,7 +299,7 @@ class Credentials:
         key = integration.key
         lease = self._lease_seconds(integration)
         deadline = broker.now() + timedelta(seconds=lease + 5)
-        timeout = float(getattr(integration.provider, "timeout_seconds", 15.0))
+        timeout = self._timeout(integration)
         while True:
             row: Connection | None
             if claimed is not None and lease_covers(
