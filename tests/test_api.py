@@ -672,3 +672,23 @@ async def test_one_group_never_sees_another_groups_connection(
     assert await rows(api) == 2
     items = listed(await http.get("/groups/g1/integrations"))
     assert {i["status"] for i in items.values()} == {"connected"}
+
+
+@pytest.mark.parametrize(
+    "integrations", [None, "openweathermap", [1], {"name": "openweathermap"}, ["nope"]]
+)
+async def test_a_connect_session_with_a_bad_allow_list_is_422_and_opens_nothing(
+    api: Broker, http: httpx.AsyncClient, integrations: Any
+) -> None:
+    """``integrations`` is a list of names, or absent (every integration): ``null`` is
+    neither, as the OpenAPI schema says (schemathesis found ``null`` accepted)."""
+    from broker.store.models import ConnectSession
+
+    r = await http.post("/connect-sessions", json={"group_id": "g1", "integrations": integrations})
+    assert r.status_code == 422, r.text
+    error = error_of(r)
+    assert (error["code"], error["field"]) == ("invalid_input", "integrations")
+    async with api.session() as db:
+        assert (await db.execute(select(func.count()).select_from(ConnectSession))).scalar() == 0
+    for ok in ({"group_id": "g1"}, {"group_id": "g1", "integrations": ["openweathermap"]}):
+        assert (await http.post("/connect-sessions", json=ok)).status_code == 201

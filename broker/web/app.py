@@ -225,9 +225,12 @@ async def create_connect_session(request: Request) -> Response:
     if not isinstance(group_id, str) or not re.fullmatch(GROUP_ID_PATTERN, group_id):
         raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
     allowed = body.get("integrations")
-    if allowed is not None:
+    if "integrations" in body:  # absent: every integration; null is not "absent"
         if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
-            raise InvalidInput("integrations must be a list of names.", field="integrations")
+            raise InvalidInput(
+                "integrations must be a list of names (leave it out to allow every one).",
+                field="integrations",
+            )
         for name in allowed:
             if name not in broker.registry:
                 raise InvalidInput(f"No integration named {name[:64]!r}.", field="integrations")
