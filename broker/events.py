@@ -55,10 +55,9 @@ KINDS = (
     "corrupt",
 )
 MAX_ATTEMPTS = 8
-EVENTS = events_table
 # Built once, parameters bound per call: no statement built, no cache key computed and no
 # ORM bulk-insert machinery per event (events are written on every refresh).
-_INSERT_EVENT = insert(EVENTS)
+_INSERT_EVENT = insert(events_table)
 SIGNATURE_HEADER = "Broker-Signature"
 
 
@@ -109,7 +108,7 @@ async def record(
     if not webhooks:
         await db.execute(_INSERT_EVENT, values)
         return
-    event_id = (await db.execute(_INSERT_EVENT.returning(EVENTS.c.id), values)).scalar_one()
+    event_id = (await db.execute(_INSERT_EVENT.returning(events_table.c.id), values)).scalar_one()
     await db.execute(
         insert(webhook_deliveries_table),
         [

@@ -28,13 +28,14 @@ class _Flight(Generic[T]):
         self.started = time.monotonic()
         self.waiters: list[asyncio.Future[T]] = []
 
-    def resolve(self, result: T | None = None, exc: BaseException | None = None) -> None:
+    def succeed(self, result: T) -> None:
         for waiter in self.waiters:
-            if waiter.done():  # its caller was cancelled
-                continue
-            if exc is None:
-                waiter.set_result(result)  # type: ignore[arg-type]
-            else:
+            if not waiter.done():  # done: its caller was cancelled
+                waiter.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
                 waiter.set_exception(exc)
 
 
@@ -68,10 +69,10 @@ class Flights(Generic[T]):
             result = await operation()
         except BaseException as exc:
             self._end(key, flight)
-            flight.resolve(exc=exc)
+            flight.fail(exc)
             raise
         self._end(key, flight)
-        flight.resolve(result)
+        flight.succeed(result)
         return result
 
     def _end(self, key: Hashable, flight: _Flight[T]) -> None:

@@ -43,10 +43,11 @@ class SweepResult:
 
 
 async def sweep(
-    broker: Broker, *, max_batches: int = 100, stop: asyncio.Event | None = None
+    broker: Broker, *, max_rows: int | None = None, stop: asyncio.Event | None = None
 ) -> SweepResult:
     """Refresh every connection that is due now, ``refresh.max_concurrency`` at a time
-    (at most ``max_batches * 4 * max_concurrency`` of them; ``stop`` set: no more).
+    (at most ``max_rows`` of them, by default 400 x ``max_concurrency``, so one sweep
+    ends; ``stop`` set: no more).
 
     A pipeline, not batches: a refresh starts as soon as another finishes. Rows are leased
     a little ahead (up to ``max_concurrency`` waiting, claimed together with their data),
@@ -55,7 +56,7 @@ async def sweep(
     """
     result = SweepResult()
     limit = broker.settings.refresh.max_concurrency
-    budget = max_batches * 4 * limit
+    budget = max_rows if max_rows is not None else 400 * limit
     credentials = broker.tokens
     # As long as the longest per-refresh lease (2 x token timeout + 5 s), not a fixed minute:
     # rows a crashed sweeper had claimed are free again about as soon as its requests would

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,11 +74,7 @@ class Database:
         stores of refreshed tokens). SQLite has one writer at a time: these writes take
         turns here, in asyncio, instead of in SQLite's busy handler (which sleeps 1 to
         100 ms per try while the writer holding the lock goes on)."""
-        if self._writer is None:
-            async with self.session() as session, session.begin():
-                yield session
-            return
-        async with self._writer, self.session() as session, session.begin():
+        async with self._writer or nullcontext(), self.session() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:

@@ -31,7 +31,7 @@ from tests.oauth_support import Live
 
 live_factory = oauth_support.live_factory
 
-# The UPDATE that stores a refreshed token (Repository.replace_if_version).
+# The UPDATE that stores a refreshed token (Repository.store_refreshed).
 STORE_REFRESHED = r"^UPDATE connections SET status=\S+, credential="
 UNAVAILABLE = "The credential store is unavailable. Try again shortly."
 
