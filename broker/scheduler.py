@@ -22,6 +22,8 @@ from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
 from .events import deliver_due
+from .oauth.flows import FLOW_TTL, prune_flows
+from .sessions import prune_sessions
 from .store.models import Connection
 
 if TYPE_CHECKING:
@@ -40,6 +42,10 @@ class SweepResult:
     failed: int = 0
     """Connections whose refresh failed, including those whose still-valid token was kept."""
     delivered: int = 0
+    pruned_flows: int = 0
+    """Sign-in flows (and unredeemed tickets) removed because their time ran out."""
+    pruned_sessions: int = 0
+    """Connect sessions removed because they expired."""
 
 
 async def sweep(
@@ -152,7 +158,21 @@ async def sweep(
         raise claim_failed
     if stop is None or not stop.is_set():
         result.delivered = await deliver_due(broker)
+        result.pruned_flows, result.pruned_sessions = await prune_expired(broker)
     return result
+
+
+async def prune_expired(broker: Broker, *, limit: int = 1000) -> tuple[int, int]:
+    """Remove sign-in flows and connect sessions whose time ran out (at most ``limit`` of
+    each per sweep: they are capped per session where they are made, so a sweep every
+    ``refresh.interval_seconds`` keeps up). Flows stay ``FLOW_TTL`` past their expiry, so
+    a callback just too late is told so rather than that its flow does not exist.
+    Returns ``(flows, sessions)`` removed."""
+    now = broker.now()
+    async with broker.session() as db, db.begin():
+        flows = await prune_flows(db, now=now - FLOW_TTL, limit=limit)
+        sessions = await prune_sessions(db, now=now, limit=limit)
+    return flows, sessions
 
 
 async def _give_back(broker: Broker, rows: deque[Connection]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -63,6 +63,37 @@ class Live:
 
         return httpx.AsyncClient(timeout=10, event_hooks={"request": [record]}, **kwargs)
 
+    async def ticket(
+        self,
+        *,
+        group_id: str = "g1",
+        integration: str = "acme",
+        session: str | None = None,
+        settings: dict[str, str] | None = None,
+        return_to: str | None = None,
+    ) -> httpx.Response:
+        """Ask for a sign-in ticket, as the connect page (with ``session``) or the host's
+        backend (with the service token) does."""
+        body: dict[str, Any] = {"settings": settings or {}}
+        if return_to is not None:
+            body["return_to"] = return_to
+        path = f"/groups/{group_id}/integrations/{integration}/authorize"
+        if session is None:
+            return await self.service.post(path, json=body)
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as c:
+            return await c.post(path, json=body, headers={"Authorization": f"Bearer {session}"})
+
+    async def redeem(
+        self, browser: httpx.AsyncClient, ticket: str, *, origin: str | None = None
+    ) -> httpx.Response:
+        """What the popup's start page does with its ticket: ``POST /oauth/start`` from
+        the broker's own origin (``origin`` overrides it, to play a foreign page)."""
+        return await browser.post(
+            f"{self.url}/oauth/start",
+            json={"ticket": ticket},
+            headers={"Origin": self.url if origin is None else origin},
+        )
+
     async def authorize(
         self,
         browser: httpx.AsyncClient,
@@ -73,19 +104,30 @@ class Live:
         query: str = "",
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """Open the authorize route (unfollowed): a 302 to the provider, or an error page."""
+        """Start a sign-in as the connect page does (a ticket with a connect session for
+        ``group_id``, redeemed in ``browser``): the start answer (``{"location"}``), or the
+        ticket request's error. ``query`` (``&tenant=x&return_to=/y``) gives settings and
+        ``return_to``."""
         session = session or await self.session_token(group_id)
-        return await browser.get(
-            f"{self.url}/groups/{group_id}/integrations/{integration}/authorize"
-            f"?session={session}{query}",
-            headers=headers,
+        params = dict(parse_qsl(query.lstrip("&"), keep_blank_values=True))
+        return_to = params.pop("return_to", None)
+        r = await self.ticket(
+            group_id=group_id, integration=integration, session=session, settings=params,
+            return_to=return_to,
+        )
+        if r.status_code != 201:
+            return r
+        return await browser.post(
+            f"{self.url}/oauth/start",
+            json={"ticket": r.json()["ticket"]},
+            headers={"Origin": self.url, **(headers or {})},
         )
 
     async def start(self, browser: httpx.AsyncClient, **kwargs: Any) -> str:
         """Start a flow; return the provider authorization URL the popup is sent to."""
         r = await self.authorize(browser, **kwargs)
-        assert r.status_code == 302, r.text
-        location: str = r.headers["location"]
+        assert r.status_code == 200, r.text
+        location: str = r.json()["location"]
         assert location.startswith(self.server.authorize_endpoint + "?"), location
         return location
 

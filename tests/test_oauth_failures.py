@@ -337,8 +337,8 @@ async def test_redirect_uri_is_the_public_url_whatever_host_the_request_names(
                 "Forwarded": "host=evil.example;proto=https",
             },
         )
-        assert r.status_code == 302, r.text
-        location = r.headers["location"]
+        assert r.status_code == 200, r.text
+        location = r.json()["location"]
         assert query_param(location, "redirect_uri") == f"{live.url}/oauth/callback"
         assert "evil.example" not in location
         callback = await live.consent(browser, location)
@@ -375,7 +375,15 @@ OTHER = {
 }
 
 
-async def test_connect_session_of_another_group_gets_the_not_found_page_at_authorize(
+def assert_json_error(r: httpx.Response, status_code: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status_code, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = r.json()["error"]
+    assert error["code"] == code, error
+    return error
+
+
+async def test_connect_session_of_another_group_gets_not_found_for_a_ticket(
     live_factory: LiveFactory,
 ) -> None:
     # Issue #6 supersedes #3's 403 here: another group's resources answer exactly what
@@ -383,20 +391,19 @@ async def test_connect_session_of_another_group_gets_the_not_found_page_at_autho
     async with live_factory() as live, live.browser() as browser:
         session = await live.session_token("g2")
         r = await live.authorize(browser, group_id="g1", session=session)
-        await assert_failed(live, r, "Not found.", status_code=404)
+        assert assert_json_error(r, 404, "not_found")["message"] == "Not found."
         assert await live.flows() == 0
 
 
-async def test_expired_connect_session_gets_the_401_result_page(
+async def test_expired_connect_session_gets_no_ticket_and_says_it_expired(
     live_factory: LiveFactory,
 ) -> None:
-    # The popup opened the authorize route: it ends on the result page, which tells the
-    # opener, rather than on a JSON body the user cannot act on.
     async with live_factory() as live, live.browser() as browser:
         session = await live.session_token("g1")
         live.broker.clock = lambda: utcnow() + timedelta(minutes=31)
         r = await live.authorize(browser, session=session)
-        await assert_failed(live, r, "expired", status_code=401)
+        error = assert_json_error(r, 401, "unauthorized")
+        assert error["reason"] == "session_expired" and "expired" in error["message"]
         assert await live.flows() == 0
 
 
@@ -424,7 +431,7 @@ async def test_connect_session_allow_list_limits_authorize_and_the_list(
     async with live_factory(extra_providers=OTHER) as live, live.browser() as browser:
         session = await live.session_token("g1", integrations=["other"])
         r = await live.authorize(browser, session=session)
-        await assert_failed(live, r, "Not found.", status_code=404)
+        assert_json_error(r, 404, "not_found")
         assert await live.flows() == 0
 
         r = await browser.get(
@@ -451,19 +458,18 @@ async def test_result_page_links_back_to_an_allowed_return_to(
 
 
 @pytest.mark.parametrize(
-    "return_to", ["//evil.example", "https:/\\evil.example", "javascript:alert(1)"]
+    "return_to",
+    ["//evil.example", "https:/\\evil.example", "javascript:alert(1)", "/" + "x" * 512],
 )
-async def test_result_page_ignores_an_unsafe_return_to(
+async def test_an_unsafe_or_overlong_return_to_gets_no_ticket(
     live_factory: LiveFactory, return_to: str
 ) -> None:
-    async with live_factory() as live, live.browser() as browser:
-        page = await live.popup(browser, query=f"&return_to={quote(return_to, safe='')}")
-        assert page_data(page)["message"]["status"] == "connected", page.text
-        assert "Go back" not in page.text
-        assert "<a " not in page.text
-        assert "evil.example" not in page.text
-        assert "javascript:" not in page.text
-        assert "You can close this window." in page.text
+    async with live_factory() as live:
+        r = await live.ticket(return_to=return_to)
+        error = assert_json_error(r, 422, "invalid_input")
+        assert error["field"] == "return_to"
+        assert "evil.example" not in r.text and "javascript:" not in r.text
+        assert await live.flows() == 0
 
 
 @pytest.mark.parametrize(

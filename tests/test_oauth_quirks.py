@@ -174,16 +174,14 @@ async def test_connection_setting_fills_the_provider_urls_and_reaches_the_node(
         ),
     ],
 )
-async def test_missing_or_bad_setting_is_a_422_error_page_naming_it(
+async def test_missing_or_bad_setting_gets_no_ticket_and_a_422_naming_it(
     live_factory: LiveFactory, tenant_spec: dict[str, Any], query: str, message: str
 ) -> None:
     async with live_factory(provider=tenant_spec) as live, live.browser() as browser:
         r = await live.authorize(browser, query=query)
         assert r.status_code == 422, r.text
-        data = page_data(r)["message"]
-        assert data["status"] == "error"
-        assert data["error"] == message
-        assert data["integration"] == "acme"
+        error = r.json()["error"]
+        assert error == {"code": "invalid_input", "message": message, "field": "tenant"}
         assert await live.flows() == 0
         assert await live.rows() == 0
         assert sum(live.server.token_requests.values()) == 0

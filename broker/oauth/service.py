@@ -1,34 +1,51 @@
-"""The authorization-code flow, end to end: begin (authorize route) and finish (callback).
+"""The authorization-code flow, end to end: ticket, start, finish.
 
-``begin`` validates the per-connection settings, records the flow and returns the provider
-URL to redirect the popup to. ``finish`` consumes the flow (committed at once, so a state
-is used at most once whatever happens next), checks it, exchanges the code and stores the
-tokens. Every failure is a ``FlowFailed`` with a message fit to show the user; nothing is
-stored unless the whole flow succeeded.
+``issue_ticket`` (the ticket route) validates the per-connection settings and records the
+flow. ``start`` (``POST /oauth/start``, from a page of the broker's own) redeems the ticket,
+binds the flow to the browser and returns the provider URL to send it to. ``finish`` (the
+callback) consumes the flow (committed at once, so a state is used at most once whatever
+happens next), checks it, exchanges the code and stores the tokens. A flow needs its connect
+session, when it was made with one, to be valid at every step. Every failure after the
+ticket is a ``FlowFailed`` with a message fit to show the user; nothing is stored unless the
+whole flow succeeded.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..catalog import OAuth2Provider, render_url
-from ..errors import BrokerError, InvalidInput, TokenEndpointError
+from ..errors import BrokerError, CredentialCorrupt, InvalidInput, TokenEndpointError
+from ..sessions import find_session_by_hash
 from . import client
-from .flows import consume_flow, hash_secret, new_verifier, start_flow
+from .flows import Flow, consume_flow, create_ticket, hash_secret, new_verifier, redeem_ticket
 from .tokens import stored_token
 
 if TYPE_CHECKING:
     from ..runtime import Broker
 
-__all__ = ["FlowFailed", "FlowResult", "begin", "check_settings", "finish", "flow_cookie"]
+__all__ = [
+    "FlowFailed",
+    "FlowResult",
+    "Ticket",
+    "check_settings",
+    "finish",
+    "flow_cookie",
+    "issue_ticket",
+    "start",
+]
 
+log = logging.getLogger("broker.oauth")
 MAX_PARAM = 4096
 
 
@@ -50,17 +67,30 @@ class FlowResult:
     return_to: str | None
 
 
+@dataclass(frozen=True)
+class Ticket:
+    ticket: str
+    expires_at: datetime
+
+
 def flow_cookie(state: str) -> str:
     """The name of the cookie binding the flow for ``state`` to its browser (one per flow,
     so two sign-ins started in one browser do not overwrite each other's)."""
     return "broker_flow_" + hash_secret(state)[:16]
 
 
-def check_settings(spec: OAuth2Provider, given: Mapping[str, str]) -> dict[str, str]:
-    """The per-connection settings from ``given`` (query parameters), validated."""
+def check_settings(spec: OAuth2Provider, given: Mapping[str, Any]) -> dict[str, str]:
+    """The per-connection settings from ``given``, validated (InvalidInput names the
+    first field at fault)."""
+    unknown = sorted(set(given) - set(spec.settings))
+    if unknown:
+        raise InvalidInput("Unknown setting.", field=str(unknown[0])[:64])
     values: dict[str, str] = {}
     for name, field in spec.settings.items():
-        value = (given.get(name) or field.default or "").strip()
+        raw = given.get(name)
+        if raw is not None and not isinstance(raw, str):
+            raise InvalidInput(f"{field.title} must be a string.", field=name)
+        value = (raw or field.default or "").strip()
         if not value:
             if field.required:
                 raise InvalidInput(f"{field.title} is required.", field=name)
@@ -93,41 +123,85 @@ def authorization_url(
     return uri
 
 
-async def begin(
+async def issue_ticket(
     broker: Broker,
     spec: OAuth2Provider,
     *,
     group_id: str,
     session_hash: str | None,
-    query: Mapping[str, str],
+    settings: Mapping[str, Any],
     return_to: str | None,
-    browser_nonce: str,
-) -> tuple[str, str]:
-    """Record a flow; return the provider's authorization URL and the flow's state."""
-    settings = check_settings(spec, query)
+) -> Ticket:
+    """Record a flow awaiting its start; return its single-use ticket. Raises InvalidInput
+    when a setting does not fit."""
+    values = check_settings(spec, settings)
     verifier = new_verifier() if spec.pkce else None
     async with broker.session() as db, db.begin():
-        state = await start_flow(
+        ticket, expires_at = await create_ticket(
             db,
             broker.keyring,
             group_id=group_id,
             integration=spec.name,
             session_hash=session_hash,
             verifier=verifier,
-            settings=settings,
+            settings=values,
             return_to=return_to,
-            browser_hash=hash_secret(browser_nonce),
             issuer=spec.issuer,
             now=broker.now(),
         )
+    return Ticket(ticket, expires_at)
+
+
+async def _session_lapsed(db: AsyncSession, flow: Flow, now: datetime) -> bool:
+    """Whether the connect session the flow was made with has ended (a flow made with a
+    service token has none to end)."""
+    if flow.session_hash is None:
+        return False
+    grant = await find_session_by_hash(db, flow.session_hash)
+    return grant is None or grant.expires_at <= now
+
+
+SESSION_ENDED = "The connect session ended before the sign-in finished. Start again from the app."
+
+
+async def start(broker: Broker, ticket: str, *, browser_nonce: str) -> tuple[str, str]:
+    """Start the flow of ``ticket`` in the browser holding ``browser_nonce``; return the
+    provider's authorization URL and the flow's state. Raises FlowFailed."""
+    now = broker.now()
+    corrupt = False
+    async with broker.session() as db, db.begin():
+        try:
+            flow = await redeem_ticket(
+                db, broker.keyring, ticket, browser_hash=hash_secret(browser_nonce), now=now
+            )
+        except CredentialCorrupt:
+            corrupt, flow = True, None  # redeemed all the same: the ticket is spent
+        lapsed = flow is not None and await _session_lapsed(db, flow, now)
+    if corrupt:
+        log.error("a flow in progress does not decrypt: check encryption_keys")
+        raise FlowFailed(
+            "This sign-in cannot continue. Start again from the app.", status_code=500
+        )
+    if flow is None:
+        raise FlowFailed(
+            "This sign-in was already started, or took too long to start. "
+            "Start again from the app."
+        )
+    name = flow.integration
+    if lapsed:
+        raise FlowFailed(SESSION_ENDED, integration=name, status_code=401)
+    integration = broker.registry.get(name) if name in broker.registry else None
+    spec = integration.provider if integration is not None else None
+    if not isinstance(spec, OAuth2Provider):
+        raise FlowFailed("This integration is no longer enabled.", integration=name)
     url = authorization_url(
         spec,
-        state=state,
-        verifier=verifier,
+        state=flow.state,
+        verifier=flow.verifier,
         redirect_uri=broker.settings.redirect_uri,
-        settings=settings,
+        settings=flow.settings,
     )
-    return url, state
+    return url, flow.state
 
 
 def _single(
@@ -157,12 +231,24 @@ async def finish(
     state = _single(params, "state")
     if not state:
         raise FlowFailed("The sign-in response has no state. Start again from the app.")
+    now = broker.now()
+    corrupt = False
     async with broker.session() as db, db.begin():
-        flow = await consume_flow(db, broker.keyring, state)
+        try:
+            flow = await consume_flow(db, broker.keyring, state)
+        except CredentialCorrupt:
+            # Consumed all the same (the DELETE commits): nobody can finish this flow.
+            corrupt, flow = True, None
+        lapsed = flow is not None and await _session_lapsed(db, flow, now)
+    if corrupt:
+        log.error("a flow in progress does not decrypt: check encryption_keys")
+        raise FlowFailed(
+            "This sign-in cannot be finished. Start again from the app.", status_code=500
+        )
     if flow is None:
         raise FlowFailed("This sign-in link is invalid or was already used. Start again.")
     name = flow.integration
-    if flow.expires_at <= broker.now():
+    if flow.expires_at <= now:
         raise FlowFailed("This sign-in took too long. Start again.", integration=name)
     if browser_nonce is None or not hmac.compare_digest(
         hash_secret(browser_nonce), flow.browser_hash or ""
@@ -170,6 +256,8 @@ async def finish(
         raise FlowFailed(
             "This sign-in was started in another browser. Start again here.", integration=name
         )
+    if lapsed:
+        raise FlowFailed(SESSION_ENDED, integration=name, status_code=401)
     integration = broker.registry.get(name) if name in broker.registry else None
     spec = integration.provider if integration is not None else None
     if not isinstance(spec, OAuth2Provider):

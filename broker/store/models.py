@@ -106,6 +106,9 @@ class ConnectSession(Base):
     group_id: Mapped[str] = mapped_column(String(128))
     # None: every enabled integration; else the allow-list.
     integrations: Mapped[list[str] | None] = mapped_column(JSON)
+    # The workspace's name as the host platform gave it: the connect page shows it, so a
+    # person who opened someone else's link sees whose workspace it would connect to.
+    display_name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -113,17 +116,28 @@ class ConnectSession(Base):
 class OAuthFlow(Base):
     """One authorization-code flow in progress, keyed by the hash of its ``state``.
 
-    Consumed (deleted) exactly once by the callback, whatever the outcome.
+    Begins as a ticket (``ticket_hash`` set, no browser yet); started once, when a broker
+    page redeems the ticket (``ticket_hash`` cleared, ``browser_hash`` set); consumed
+    (deleted) exactly once by the callback, whatever the outcome.
     """
 
     __tablename__ = "oauth_flows"
-    __table_args__ = (Index("ix_oauth_flows_expires_at", "expires_at"),)
+    __table_args__ = (
+        Index("ix_oauth_flows_expires_at", "expires_at"),
+        Index("ix_oauth_flows_ticket_hash", "ticket_hash", unique=True),
+        Index("ix_oauth_flows_session_hash", "session_hash"),
+        Index("ix_oauth_flows_group_id", "group_id"),
+    )
 
     state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     group_id: Mapped[str] = mapped_column(String(128))
     integration: Mapped[str] = mapped_column(String(64))
     session_hash: Mapped[str | None] = mapped_column(String(64))
-    # Fernet token over the PKCE verifier and the per-connection settings.
+    # SHA-256 of the single-use ticket, until it is redeemed.
+    ticket_hash: Mapped[str | None] = mapped_column(String(64))
+    # SHA-256 of the nonce in the HttpOnly cookie of the browser that started the flow.
+    browser_hash: Mapped[str | None] = mapped_column(String(64))
+    # Fernet token over the state, the PKCE verifier and the per-connection settings.
     sealed: Mapped[str] = mapped_column(Text)
     issuer: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

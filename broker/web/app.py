@@ -1,19 +1,24 @@
 """The Starlette application: routes, error responses, and the service-token gate.
 
-Routes (S: service token; C: connect session for the group; -: public):
+Routes (S: service token; C: connect session for the group, as a bearer token; -: public):
 
     -   GET  /healthz
     -   GET  /openapi.json
+    -   GET  /connect                                                the connect page
+    -   GET  /oauth/start, POST /oauth/start                         the popup's start (popup)
     -   GET  /oauth/callback                                         the OAuth2 redirect URI
-    -   GET  /connect?session=...                                    the connect page
     -   GET  /static/...
     S   POST /connect-sessions
+      C GET  /connect-sessions/current                               the page's own session
     S C GET  /groups/{group_id}/integrations
     S C POST /groups/{group_id}/integrations/custom/{name}             the seed's trigger
     S C POST /groups/{group_id}/integrations/custom/{name}/disconnect  the seed's delete
-    S C GET  /groups/{group_id}/integrations/{name}/authorize          the popup opens this
+    S C POST /groups/{group_id}/integrations/{name}/authorize          a sign-in ticket
     S   GET  /groups/{group_id}/integrations/{name}/credentials
     S   GET  /groups/{group_id}/events
+
+The connect page and the sign-in popup live in ``connect`` and ``popup``; this module has
+the API routes, the error handlers and the app's assembly.
 
 Every error is JSON: ``{"error": {"code", "message", "field"?...}}`` with a stable code.
 """
@@ -21,11 +26,8 @@ Every error is JSON: ``{"error": {"code", "message", "field"?...}}`` with a stab
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,59 +36,38 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..catalog import OAuth2Provider
-from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable, UnknownIntegration
+from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable
 from ..events import list_events
-from ..integrations import GROUP_ID_PATTERN, INTEGRATION_PATTERN, Group, Integration, fill_group
-from ..oauth.flows import FLOW_TTL
-from ..oauth.service import FlowFailed, begin, finish, flow_cookie
+from ..integrations import Group, Integration, fill_group
 from ..runtime import Broker
 from ..scheduler import Refresher
-from ..sessions import SessionGrant, create_session, find_session
+from ..sessions import SessionGrant, find_session
 from .accesslog import AccessLog
-from .auth import ServiceTokenMiddleware, TokenSet, principal, require_group, require_service
+from .auth import ServiceTokenMiddleware, TokenSet, principal, require_service
 from .bodies import read_json_object, replay
-from .connect import connect_page
+from .connect import connect_page, create_connect_session, current_session
+from .context import NO_STORE, broker_of, group_id_of, integration_of, targets
 from .openapi import openapi
 from .pages import result_page
-from .redirects import safe_return_to
+from .popup import (
+    LINK_REFUSED,
+    authorize_link,
+    create_ticket,
+    oauth_callback,
+    redeem,
+    start_page_route,
+)
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("broker.web")
 STATIC_DIR = Path(__file__).parent / "static"
-NO_STORE = {"Cache-Control": "no-store"}
-PUBLIC_PATHS = ["/healthz", "/openapi.json", "/oauth/callback", "/connect"]
+PUBLIC_PATHS = ["/healthz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect"]
 PUBLIC_PREFIXES = ["/static/"]
-GROUP_ID_MESSAGE = (
-    "Group id must be 1-128 characters: letters, digits and . _ : @ -, "
-    "starting with a letter or digit."
-)
-
-
-def _broker(request: Request) -> Broker:
-    broker: Broker = request.app.state.broker
-    return broker
-
-
-def _group_id(request: Request) -> str:
-    group_id: str = request.path_params["group_id"]
-    if not re.fullmatch(GROUP_ID_PATTERN, group_id):
-        raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
-    require_group(request, group_id)
-    return group_id
-
-
-def _integration(request: Request, group_id: str) -> Integration:
-    name: str = request.path_params["name"]
-    if not re.fullmatch(INTEGRATION_PATTERN, name):
-        raise UnknownIntegration(name[:64])
-    require_group(request, group_id, name)
-    return _broker(request).registry.get(name)
 
 
 def _describe(integration: Integration, group_id: str, status: Any) -> dict[str, Any]:
@@ -121,12 +102,12 @@ async def healthz(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(openapi(_broker(request).settings.public_url))
+    return JSONResponse(openapi(broker_of(request).settings.public_url))
 
 
 async def list_integrations(request: Request) -> Response:
-    group_id = _group_id(request)
-    broker = _broker(request)
+    group_id = group_id_of(request)
+    broker = broker_of(request)
     group = Group(group_id)
     items = []
     who = principal(request)
@@ -159,10 +140,10 @@ def nodes_by_integration(nodes: list[type[Any]]) -> dict[str, list[str]]:
 
 
 async def trigger(request: Request) -> Response:
-    group_id = _group_id(request)
-    integration = _integration(request, group_id)
+    group_id = group_id_of(request)
+    integration = integration_of(request, group_id)
     body, _ = await read_json_object(request)
-    async with _broker(request).session() as db, db.begin():
+    async with broker_of(request).session() as db, db.begin():
         try:
             result = await integration.complete_integration(
                 db, Group(group_id), replay(request, body)
@@ -179,9 +160,9 @@ async def trigger(request: Request) -> Response:
 
 
 async def disconnect(request: Request) -> Response:
-    group_id = _group_id(request)
-    integration = _integration(request, group_id)
-    async with _broker(request).session() as db, db.begin():
+    group_id = group_id_of(request)
+    integration = integration_of(request, group_id)
+    async with broker_of(request).session() as db, db.begin():
         result = await integration.delete_integration(db, Group(group_id), request)
     if isinstance(result, Response):
         return result
@@ -192,16 +173,16 @@ async def disconnect(request: Request) -> Response:
 
 async def credentials(request: Request) -> Response:
     require_service(request)
-    group_id = _group_id(request)
-    integration = _integration(request, group_id)
+    group_id = group_id_of(request)
+    integration = integration_of(request, group_id)
     force = request.query_params.get("force_refresh", "").lower() in ("1", "true", "yes")
-    data = await _broker(request).credentials(group_id, integration.key, force_refresh=force)
+    data = await broker_of(request).credentials(group_id, integration.key, force_refresh=force)
     return JSONResponse({"credentials": data}, headers=NO_STORE)
 
 
 async def events(request: Request) -> Response:
     require_service(request)
-    group_id = _group_id(request)
+    group_id = group_id_of(request)
     try:
         limit = min(max(int(request.query_params.get("limit", "100")), 1), 1000)
         before_text = request.query_params.get("before")
@@ -209,145 +190,9 @@ async def events(request: Request) -> Response:
         before = min(max(int(before_text), 0), 2**63 - 1) if before_text is not None else None
     except ValueError:
         raise InvalidInput("limit and before must be integers.", field="limit") from None
-    async with _broker(request).session() as db:
+    async with broker_of(request).session() as db:
         items = await list_events(db, group_id, limit=limit, before=before)
     return JSONResponse({"group_id": group_id, "events": items}, headers=NO_STORE)
-
-
-async def create_connect_session(request: Request) -> Response:
-    require_service(request)
-    broker = _broker(request)
-    _, body = await read_json_object(request)
-    unknown = set(body) - {"group_id", "integrations"}
-    if unknown:
-        raise InvalidInput("Unknown field.", field=sorted(unknown)[0])
-    group_id = body.get("group_id")
-    if not isinstance(group_id, str) or not re.fullmatch(GROUP_ID_PATTERN, group_id):
-        raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
-    allowed = body.get("integrations")
-    if "integrations" in body:  # absent: every integration; null is not "absent"
-        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
-            raise InvalidInput(
-                "integrations must be a list of names (leave it out to allow every one).",
-                field="integrations",
-            )
-        for name in allowed:
-            if name not in broker.registry:
-                raise InvalidInput(f"No integration named {name[:64]!r}.", field="integrations")
-    ttl = timedelta(seconds=broker.settings.auth.connect_session_ttl_seconds)
-    async with broker.session() as db, db.begin():
-        token, grant = await create_session(
-            db, group_id=group_id, integrations=allowed, now=broker.now(), ttl=ttl
-        )
-    return JSONResponse(
-        {
-            "token": token,
-            "expires_at": grant.expires_at.isoformat(),
-            "connect_url": f"{broker.settings.public_url}/connect?session={token}",
-        },
-        status_code=201,
-        headers=NO_STORE,
-    )
-
-
-def _targets(broker: Broker) -> list[str]:
-    """Where the result of a popup may be posted: the broker's origin and allowed ones."""
-    settings = broker.settings
-    return list(dict.fromkeys([settings.public_origin, *settings.auth.allowed_origins]))
-
-
-def _return_to(broker: Broker, value: str | None) -> str | None:
-    return safe_return_to(value, _targets(broker))
-
-
-async def authorize(request: Request) -> Response:
-    broker = _broker(request)
-    try:
-        group_id = _group_id(request)
-        integration = _integration(request, group_id)
-        spec = integration.provider
-        if not isinstance(spec, OAuth2Provider):
-            raise InvalidInput(
-                f"{integration.name} is not connected through a sign-in popup.", field="name"
-            )
-        return_to = _return_to(broker, request.query_params.get("return_to"))
-        who = principal(request)
-        nonce = secrets.token_urlsafe(32)
-        url, state = await begin(
-            broker,
-            spec,
-            group_id=group_id,
-            session_hash=who.session.token_hash if who.session else None,
-            query=request.query_params,
-            return_to=return_to,
-            browser_nonce=nonce,
-        )
-    except HTTPError as exc:
-        return result_page(
-            integration=request.path_params.get("name"),
-            display_name=None,
-            status="error",
-            message=exc.message,
-            targets=_targets(broker),
-            return_to=None,
-            status_code=exc.status_code,
-        )
-    response = RedirectResponse(url, status_code=302, headers={"Referrer-Policy": "no-referrer"})
-    response.headers["Cache-Control"] = "no-store"
-    response.set_cookie(
-        flow_cookie(state),
-        nonce,
-        max_age=int(FLOW_TTL.total_seconds()),
-        path="/oauth/callback",
-        httponly=True,
-        secure=broker.settings.public_url.startswith("https://"),
-        samesite="lax",
-    )
-    return response
-
-
-async def oauth_callback(request: Request) -> Response:
-    broker = _broker(request)
-    params: dict[str, list[str]] = {}
-    for key, value in request.query_params.multi_items():
-        params.setdefault(key, []).append(value)
-    cookie = flow_cookie(request.query_params.get("state") or "")
-    try:
-        try:
-            result = await finish(broker, params, browser_nonce=request.cookies.get(cookie))
-        except (DBAPIError, OSError):
-            # The store failed mid-flow: the popup still ends on the page that tells its
-            # opener. Nothing was stored; the state may or may not have been consumed.
-            log.error("database error during the OAuth2 callback")
-            raise FlowFailed(
-                "The service is briefly unavailable. Close this window and try again.",
-                status_code=503,
-            ) from None
-    except FlowFailed as exc:
-        integration = broker.registry.get(exc.integration) if (
-            exc.integration and exc.integration in broker.registry
-        ) else None
-        response = result_page(
-            integration=exc.integration,
-            display_name=integration.name if integration else None,
-            status="error",
-            message=exc.message,
-            targets=_targets(broker),
-            return_to=None,
-            status_code=exc.status_code,
-        )
-    else:
-        log.info("connected %s for group %s", result.integration, result.group_id)
-        response = result_page(
-            integration=result.integration,
-            display_name=result.display_name,
-            status="connected",
-            message=f"{result.display_name} is connected. You can close this window.",
-            targets=_targets(broker),
-            return_to=result.return_to,
-        )
-    response.delete_cookie(cookie, path="/oauth/callback")
-    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -429,9 +274,14 @@ def create_app(
             methods=["POST"],
         ),
         Route("/groups/{group_id}/integrations/{name}/credentials", credentials),
-        Route("/groups/{group_id}/integrations/{name}/authorize", authorize),
+        Route("/groups/{group_id}/integrations/{name}/authorize", create_ticket,
+              methods=["POST"]),
+        Route("/groups/{group_id}/integrations/{name}/authorize", authorize_link),
         Route("/groups/{group_id}/events", events),
         Route("/connect-sessions", create_connect_session, methods=["POST"]),
+        Route("/connect-sessions/current", current_session),
+        Route("/oauth/start", start_page_route),
+        Route("/oauth/start", redeem, methods=["POST"]),
         Route("/oauth/callback", oauth_callback),
         Route("/connect", connect_page),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
@@ -451,8 +301,8 @@ def create_app(
                     integration=None,
                     display_name=None,
                     status="error",
-                    message=message,
-                    targets=_targets(broker),
+                    message=LINK_REFUSED,
+                    targets=targets(broker),
                     return_to=None,
                     status_code=401,
                 ),

@@ -4,8 +4,10 @@
   nodes. Compared as SHA-256 digests in constant time, against every configured token
   without stopping at the first match.
 - Connect sessions (``bcs_...``, from ``POST /connect-sessions``): a browser managing one
-  group's integrations, sent as a bearer token or, where a browser cannot set headers (the
-  popup's authorize URL, the connect page), as ``?session=``.
+  group's integrations, sent as a bearer token — only ever in the ``Authorization`` header.
+  A token in a URL would let whoever holds the URL act from anyone's browser, so no route
+  reads one from the query (the connect page takes its session by ``postMessage`` or from
+  its link's fragment; a sign-in popup starts from a single-use ticket: see ``popup``).
 
 A request outside the public paths without a valid token gets the same 401 whatever path
 it names. What a principal may do is checked by the routes (``require_*``).
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,6 +33,7 @@ from ..sessions import SESSION_PREFIX, SessionGrant
 __all__ = ["Principal", "ServiceTokenMiddleware", "TokenSet", "require_group", "require_service"]
 
 NOT_FOUND_MESSAGE = "Not found."
+SESSION_EXPIRED = "This connect session has expired. Ask for a new link."
 SessionLookup = Callable[[str], Awaitable[SessionGrant | None]]
 
 
@@ -102,14 +105,20 @@ class ServiceTokenMiddleware:
                 exc.to_dict(), status_code=exc.status_code, headers={"Cache-Control": "no-store"}
             )(scope, receive, send)
             return
-        if principal is None and self.unauthorized_page is not None and path.endswith(
-            "/authorize"
+        if (
+            principal is None
+            and self.unauthorized_page is not None
+            and scope.get("method") == "GET"
+            and path.endswith("/authorize")
         ):
-            # A popup opened this: show the result page (it tells the opener) not JSON.
+            # A popup (or a link) opened this: show the result page, which tells the
+            # opener, not JSON.
             await self.unauthorized_page(problem)(scope, receive, send)
             return
         if principal is None:
-            error = Unauthorized(problem)
+            # The connect page tells an expired link from a wrong one by ``reason``.
+            expired = {"reason": "session_expired"} if problem == SESSION_EXPIRED else {}
+            error = Unauthorized(problem, **expired)
             response = JSONResponse(
                 error.to_dict(),
                 status_code=error.status_code,
@@ -124,15 +133,13 @@ class ServiceTokenMiddleware:
         invalid = "Missing or invalid bearer token."
         token = bearer_token(Headers(scope=scope))
         if token is None:
-            token = QueryParams(scope.get("query_string", b"")).get("session")
-            if token is None or not token.startswith(SESSION_PREFIX):
-                return None, invalid
+            return None, invalid
         if token.startswith(SESSION_PREFIX) and self.find_session is not None:
             grant = await self.find_session(token)
             if grant is None:
                 return None, invalid
             if self.clock is not None and grant.expires_at <= self.clock():
-                return None, "This connect session has expired. Ask for a new link."
+                return None, SESSION_EXPIRED
             return Principal("session", grant), ""
         if self.tokens.matches(token):
             return Principal("service"), ""

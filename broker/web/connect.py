@@ -1,11 +1,24 @@
-"""The connect page: one connect session's group, every integration it may use.
+"""Connecting, for a browser: connect sessions and the connect page.
 
-``GET /connect?session=<token>`` serves a static shell (HTML, CSS and JavaScript from the
-package: no build step, no CDN, no inline script) plus a JSON block with what the script
-needs: the group, the broker's own origin and the host origins allowed to embed the page.
-The script reads the integrations through the API with the session as a bearer token, so
-the page never holds a credential: a connected API key shows at most its last 4
-characters (the connection's ``hint``).
+``POST /connect-sessions`` (service token) makes a session for one group, optionally
+limited to some integrations and carrying the workspace's ``display_name``. It returns the
+token and a ``connect_url`` that carries the token in its fragment (never sent to a server,
+never in a Referer), for deployments that send the page as a link.
+
+``GET /connect`` serves a static shell (HTML, CSS and JavaScript from the package: no build
+step, no CDN, no inline script). The page's script gets its session one of two ways:
+
+- **From the host app** (the page embedded in an iframe, or opened as a popup, by a
+  frontend on an ``auth.allowed_origins`` origin): the page asks its parent or opener with
+  ``postMessage`` and takes the token only from that window and only from an allowed
+  origin. The host app vouches for the group: the page connects at once.
+- **From a link** (``connect_url``): the script takes the token out of the address bar.
+  Anyone can send anyone a link, so the page names the workspace and asks the person to
+  confirm before it connects anything to it.
+
+Either way the token is then only a bearer header on the page's API calls (never a query
+parameter: the routes do not accept one), and a sign-in popup is started with a
+single-use ticket the page obtained, never with the session itself (see ``popup``).
 
 The page may be framed only by ``auth.allowed_origins`` (CSP ``frame-ancestors``); status
 changes are posted to its parent or opener as ``{"type": "broker:connect", "integration",
@@ -15,14 +28,103 @@ changes are posted to its parent or opener as ``{"type": "broker:connect", "inte
 from __future__ import annotations
 
 import html
+import re
+import unicodedata
+from datetime import timedelta
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from ..sessions import SESSION_PREFIX, find_session
+from ..errors import Forbidden, InvalidInput
+from ..integrations import GROUP_ID_PATTERN
+from ..sessions import create_session
+from .auth import principal, require_service
+from .bodies import read_json_object
+from .context import GROUP_ID_MESSAGE, NO_STORE, broker_of
 from .pages import _json_for_script
 
-__all__ = ["connect_page"]
+__all__ = ["connect_page", "create_connect_session", "current_session", "workspace_name"]
+
+MAX_DISPLAY_NAME = 100
+# Control, format (bidi overrides, zero-width), separator-line and unassigned characters:
+# a name must read as what it is.
+_UNSHOWABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def workspace_name(value: object) -> str | None:
+    """``display_name`` as given to ``POST /connect-sessions``: None when absent, else the
+    stripped name. Raises InvalidInput when it is not 1-100 showable characters."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip()
+        if 0 < len(name) <= MAX_DISPLAY_NAME and not any(
+            unicodedata.category(c) in _UNSHOWABLE for c in name
+        ):
+            return name
+    raise InvalidInput(
+        f"display_name must be 1-{MAX_DISPLAY_NAME} printable characters "
+        "(the workspace's name, shown on the connect page).",
+        field="display_name",
+    )
+
+
+async def create_connect_session(request: Request) -> Response:
+    require_service(request)
+    broker = broker_of(request)
+    _, body = await read_json_object(request)
+    unknown = set(body) - {"group_id", "integrations", "display_name"}
+    if unknown:
+        raise InvalidInput("Unknown field.", field=sorted(unknown)[0][:64])
+    group_id = body.get("group_id")
+    if not isinstance(group_id, str) or not re.fullmatch(GROUP_ID_PATTERN, group_id):
+        raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
+    allowed = body.get("integrations")
+    if "integrations" in body:  # absent: every integration; null is not "absent"
+        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
+            raise InvalidInput(
+                "integrations must be a list of names (leave it out to allow every one).",
+                field="integrations",
+            )
+        for name in allowed:
+            if name not in broker.registry:
+                raise InvalidInput(f"No integration named {name[:64]!r}.", field="integrations")
+    display_name = workspace_name(body.get("display_name"))
+    ttl = timedelta(seconds=broker.settings.auth.connect_session_ttl_seconds)
+    async with broker.session() as db, db.begin():
+        token, grant = await create_session(
+            db, group_id=group_id, integrations=allowed, now=broker.now(), ttl=ttl,
+            display_name=display_name,
+        )
+    return JSONResponse(
+        {
+            "token": token,
+            "expires_at": grant.expires_at.isoformat(),
+            # The token in the fragment: browsers send neither it to a server nor it in a
+            # Referer, and the page takes it out of the address bar at once.
+            "connect_url": f"{broker.settings.public_url}/connect#session={token}",
+        },
+        status_code=201,
+        headers=NO_STORE,
+    )
+
+
+async def current_session(request: Request) -> Response:
+    """``GET /connect-sessions/current``: the calling connect session (the page's first
+    call): its group, workspace name, allow-list and expiry."""
+    who = principal(request)
+    if who.session is None:
+        raise Forbidden("This describes a connect session; call it with one.")
+    grant = who.session
+    return JSONResponse(
+        {
+            "group_id": grant.group_id,
+            "display_name": grant.display_name,
+            "integrations": grant.integrations,
+            "expires_at": grant.expires_at.isoformat(),
+        },
+        headers=NO_STORE,
+    )
 
 
 def _headers(frame_ancestors: list[str]) -> dict[str, str]:
@@ -30,7 +132,7 @@ def _headers(frame_ancestors: list[str]) -> dict[str, str]:
     return {
         "Content-Security-Policy": (
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "connect-src 'self'; form-action 'self'; base-uri 'none'; "
+            "connect-src 'self'; form-action 'none'; base-uri 'none'; "
             f"frame-ancestors {ancestors}"
         ),
         "Referrer-Policy": "no-referrer",
@@ -39,70 +141,38 @@ def _headers(frame_ancestors: list[str]) -> dict[str, str]:
     }
 
 
-def _shell(title: str, body: str, data: dict[str, object] | None, frame: list[str]) -> str:
-    script = (
-        f'<script type="application/json" id="broker-connect">{_json_for_script(data)}</script>\n'
-        '<script src="/static/connect.js" defer></script>'
-        if data is not None
-        else ""
-    )
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{html.escape(title)}</title>
-<link rel="stylesheet" href="/static/connect.css">
-{script}
-</head>
-<body>
-{body}
-</body>
-</html>
-"""
-
-
-async def connect_page(request: Request) -> Response:
-    broker = request.app.state.broker
-    settings = broker.settings
-    frame = list(settings.auth.allowed_origins)
-    token = request.query_params.get("session") or ""
-    grant = None
-    if token.startswith(SESSION_PREFIX) and len(token) < 200:
-        async with broker.session() as db:
-            grant = await find_session(db, token)
-    if grant is None or grant.expires_at <= broker.now():
-        expired = grant is not None
-        message = (
-            "This link has expired. Go back to the app and open the integrations page again."
-            if expired
-            else "This link is not valid. Go back to the app and open the integrations page again."
-        )
-        body = (
-            '<main class="page"><h1>Integrations</h1>'
-            f'<p class="notice error" role="alert" id="session-error">{html.escape(message)}</p>'
-            "</main>"
-        )
-        return HTMLResponse(
-            _shell("Integrations", body, None, frame), status_code=401, headers=_headers(frame)
-        )
-    data = {
-        "group_id": grant.group_id,
-        "origin": settings.public_origin,
-        "allowed_origins": frame,
-        "expires_at": grant.expires_at.isoformat(),
-    }
-    body = """<main class="page">
+PAGE_BODY = """<main class="page">
 <header>
 <h1>Integrations</h1>
 <p class="lead">Connect the services your workflows use. Keys and tokens are stored encrypted
 and never shown again.</p>
+<p id="workspace" class="workspace" hidden></p>
 </header>
 <p id="status" class="notice" role="status" aria-live="polite" hidden></p>
 <ul id="integrations" class="cards" aria-label="Integrations"></ul>
 <noscript><p class="notice error">This page needs JavaScript.</p></noscript>
 </main>"""
-    return HTMLResponse(
-        _shell("Integrations", body, data, frame), headers=_headers(frame)
-    )
+
+
+async def connect_page(request: Request) -> Response:
+    broker = broker_of(request)
+    settings = broker.settings
+    frame = list(settings.auth.allowed_origins)
+    data = {"origin": settings.public_origin, "allowed_origins": frame}
+    page = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{html.escape("Integrations")}</title>
+<link rel="stylesheet" href="/static/connect.css">
+<script type="application/json" id="broker-connect">{_json_for_script(data)}</script>
+<script src="/static/connect.js" defer></script>
+</head>
+<body>
+{PAGE_BODY}
+</body>
+</html>
+"""
+    return HTMLResponse(page, headers=_headers(frame))

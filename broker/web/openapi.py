@@ -116,6 +116,11 @@ def openapi(public_url: str) -> dict[str, Any]:
                                             "type": "array",
                                             "items": {"type": "string"},
                                         },
+                                        "display_name": {
+                                            "type": "string",
+                                            "minLength": 1,
+                                            "maxLength": 100,
+                                        },
                                     },
                                 }
                             }
@@ -190,20 +195,101 @@ def openapi(public_url: str) -> dict[str, Any]:
                 }
             },
             "/groups/{group_id}/integrations/{name}/authorize": {
-                "get": {
-                    "summary": "Start an OAuth2 flow (the popup opens this): 302 to the provider",
+                "post": {
+                    "summary": "A single-use ticket to start an OAuth2 sign-in in a popup",
                     "security": either,
                     "parameters": [GROUP, NAME],
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "settings": {
+                                            "type": "object",
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                        "return_to": {"type": "string", "maxLength": 512},
+                                    },
+                                }
+                            }
+                        },
+                    },
                     "responses": {
-                        "302": {"description": "Redirect to the provider"},
-                        # The popup opened this: every failure, 401 included, is the result
-                        # page (it tells the opener), not JSON.
-                        "400": PAGE,
-                        "401": PAGE,
-                        "404": PAGE,
-                        "422": PAGE,
+                        "201": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "ticket": {"type": "string"},
+                                    "expires_at": {"type": "string"},
+                                    "start_url": {"type": "string"},
+                                },
+                            },
+                            "Created",
+                        ),
+                        **_errors(401, 404, 413, 422),
+                    },
+                },
+                "get": {
+                    "summary": "Refused: a sign-in cannot start from a link (result page)",
+                    "security": [],
+                    "parameters": [GROUP, NAME],
+                    "responses": {"400": PAGE, "401": PAGE},
+                },
+            },
+            "/connect-sessions/current": {
+                "get": {
+                    "summary": "The calling connect session: group, workspace name, expiry",
+                    "security": [{"connectSession": []}],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "group_id": {"type": "string"},
+                                    "display_name": {"type": ["string", "null"]},
+                                    "integrations": {
+                                        "type": ["array", "null"],
+                                        "items": {"type": "string"},
+                                    },
+                                    "expires_at": {"type": "string"},
+                                },
+                            }
+                        ),
+                        **_errors(401, 403),
                     },
                 }
+            },
+            "/oauth/start": {
+                "get": {
+                    "summary": "The sign-in popup's start page (asks its opener for a ticket)",
+                    "security": [],
+                    "responses": {"200": PAGE},
+                },
+                "post": {
+                    "summary": "Redeem a ticket from the broker's own page: the provider URL",
+                    "security": [],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["ticket"],
+                                    "properties": {"ticket": {"type": "string"}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"location": {"type": "string"}}}
+                        ),
+                        **_errors(400, 401, 403, 413, 422, 500),
+                    },
+                },
             },
             "/groups/{group_id}/integrations/{name}/credentials": {
                 "get": {
@@ -246,7 +332,10 @@ def openapi(public_url: str) -> dict[str, Any]:
                     "responses": {
                         "200": PAGE,
                         "400": PAGE,
+                        "401": PAGE,
+                        "500": PAGE,
                         "502": PAGE,
+                        "503": PAGE,
                     },
                 }
             },

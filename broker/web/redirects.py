@@ -11,14 +11,16 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-__all__ = ["safe_return_to"]
+__all__ = ["MAX_RETURN_TO", "safe_return_to"]
 
+# A place in an app is a short URL; a long one only makes each stored flow bigger.
+MAX_RETURN_TO = 512
 _CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
 
 
 def safe_return_to(value: str | None, allowed_origins: Iterable[str]) -> str | None:
     """``value`` if it is a safe place to send a browser; otherwise None."""
-    if not value or len(value) > 2048 or _CONTROL.search(value):
+    if not value or len(value) > MAX_RETURN_TO or _CONTROL.search(value):
         return None
     if value.startswith("/"):
         return value if not value.startswith("//") else None

@@ -88,7 +88,10 @@ async def test_flow_row_holds_only_the_hash_of_its_state_and_expires_in_ten_minu
             row = (await db.execute(select(OAuthFlow))).scalar_one()
         assert row.state_hash == hash_secret(state)
         assert state not in repr([getattr(row, c.key) for c in OAuthFlow.__table__.columns])
-        assert row.expires_at - row.created_at == FLOW_TTL == timedelta(minutes=10)
+        assert row.ticket_hash is None  # redeemed: the ticket cannot start it again
+        # Ten minutes from its start (its ticket was made just before).
+        assert FLOW_TTL == timedelta(minutes=10)
+        assert FLOW_TTL <= row.expires_at - row.created_at < FLOW_TTL + timedelta(seconds=5)
 
 
 async def test_code_of_one_flow_with_the_state_of_another_stores_nothing_in_either_group(

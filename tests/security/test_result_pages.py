@@ -8,6 +8,7 @@ Its ``postMessage`` goes only to the configured origins (the JSON block's ``targ
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -115,7 +116,7 @@ async def flow_secrets(live: Live, state: str) -> list[str]:
         )
     assert sealed is not None
     data = live.broker.keyring.open(_FLOW_SCOPE, hash_secret(state), sealed)
-    return [state, data["verifier"], data["browser"]]
+    return [state, data["verifier"]]
 
 
 async def test_result_pages_of_a_success_and_of_failures_carry_only_a_status(
@@ -164,7 +165,7 @@ async def test_result_pages_of_a_success_and_of_failures_carry_only_a_status(
         assert_result_page(page, live.url, secrets)
 
 
-async def test_authorize_error_and_401_pages_have_the_same_strict_headers(
+async def test_authorize_link_and_start_pages_have_the_same_strict_headers(
     sec_broker: Broker,
 ) -> None:
     async with sec.app_client(sec_broker, headers={}) as anonymous:
@@ -172,9 +173,18 @@ async def test_authorize_error_and_401_pages_have_the_same_strict_headers(
         assert r.status_code == 401
         assert_strict_headers(r)
         assert_page_loads_only_from_its_own_origin(r.text, [])
+        r = await anonymous.get("/oauth/start")
+        assert r.status_code == 200
+        assert_strict_headers(r)
+        assert "connect-src 'self'" in r.headers["content-security-policy"]
+        loaded = assert_page_loads_only_from_its_own_origin(r.text, [])
+        assert ("script", "src", "/static/oauth-start.js") in loaded.urls
+        data = json.loads(re.search(r'id="broker-start">(.*?)</script>', r.text, re.S)[1])
+        assert data == {"origin": "http://broker.test",
+                        "targets": ["http://broker.test", sec.HOST_ORIGIN]}
     async with sec.app_client(sec_broker) as service:
-        r = await service.get("/groups/g1/integrations/hexkey/authorize")  # not an oauth2 one
-        assert r.status_code == 422
+        r = await service.get("/groups/g1/integrations/acme/authorize")  # even a service
+        assert r.status_code == 400
         assert_strict_headers(r)
         assert_page_loads_only_from_its_own_origin(r.text, [])
 
@@ -185,35 +195,40 @@ async def test_connect_page_has_a_strict_csp_framed_only_by_allowed_origins(
     async with sec.app_client(sec_broker) as service:
         r = await service.post("/connect-sessions", json={"group_id": "g1"})
         token = r.json()["token"]
+    assert r.json()["connect_url"] == f"http://broker.test/connect#session={token}"
     async with sec.app_client(sec_broker, headers={}) as browser:
-        page = await browser.get(f"/connect?session={token}")
-        assert page.status_code == 200
-        assert_strict_headers(page, frame_ancestors=sec.HOST_ORIGIN)
-        csp = page.headers["content-security-policy"]
-        assert "connect-src 'self'" in csp
-        assert "form-action 'self'" in csp
-        loaded = assert_page_loads_only_from_its_own_origin(page.text, [])
-        assert ("script", "src", "/static/connect.js") in loaded.urls
-        # The session travels in the URL (hence no-referrer); the page itself never holds it.
-        assert token not in page.text
-        data = re.search(r'id="broker-connect">(.*?)</script>', page.text, re.S)
-        assert data is not None
-        assert '"origin": "http://broker.test"' in data.group(1)
-
-        for bad in ("bcs_unknown", "", "x" * 300):
-            page = await browser.get("/connect", params={"session": bad})
-            assert page.status_code == 401
+        # The token is in the link's fragment, which a browser never sends: the page is
+        # the same for everyone and holds no session.
+        for query in ({}, {"session": token}, {"session": "x" * 300}):
+            page = await browser.get("/connect", params=query)
+            assert page.status_code == 200
             assert_strict_headers(page, frame_ancestors=sec.HOST_ORIGIN)
-            assert_page_loads_only_from_its_own_origin(page.text, [])
+            csp = page.headers["content-security-policy"]
+            assert "connect-src 'self'" in csp
+            assert "form-action 'none'" in csp
+            loaded = assert_page_loads_only_from_its_own_origin(page.text, [])
+            assert ("script", "src", "/static/connect.js") in loaded.urls
+            assert token not in page.text
+            data = re.search(r'id="broker-connect">(.*?)</script>', page.text, re.S)
+            assert data is not None
+            assert json.loads(data.group(1)) == {
+                "origin": "http://broker.test", "allowed_origins": [sec.HOST_ORIGIN]
+            }
 
 
 def test_pages_scripts_post_messages_only_to_named_origins() -> None:
     # Never the "*" target: each postMessage names an origin taken from the page's data.
-    for name in ("oauth-result.js", "connect.js"):
+    for name in ("popup.js", "oauth-start.js", "connect.js"):
         source = (STATIC / name).read_text()
         calls = re.findall(r"postMessage\(([^)]*)\)", source)
         assert calls, name
         for args in calls:
             assert "*" not in args, (name, args)
             assert args.strip().endswith("origin") or "," not in args, (name, args)
-    assert "event.origin !== data.origin" in (STATIC / "connect.js").read_text()
+    connect = (STATIC / "connect.js").read_text()
+    assert "event.origin !== data.origin" in connect
+    # A session or a ticket is taken only from the window that embeds or opened the page,
+    # and only on an allowed origin.
+    assert "data.allowed_origins.indexOf(event.origin) < 0" in connect
+    start = (STATIC / "oauth-start.js").read_text()
+    assert "event.source !== window.opener || data.targets.indexOf(event.origin) < 0" in start

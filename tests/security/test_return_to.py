@@ -185,19 +185,30 @@ async def flow_return_to(broker: Broker, state: str) -> Any:
     return broker.keyring.open(_FLOW_SCOPE, hash_secret(state), sealed)["return_to"]
 
 
-async def test_authorize_route_records_only_a_safe_return_to(sec_broker: Broker) -> None:
+async def test_ticket_route_records_only_a_safe_return_to(sec_broker: Broker) -> None:
     host = sec.HOST_ORIGIN.split("://")[1]
     async with sec.app_client(sec_broker) as service:
         for value in [*classic(host), *[v.replace("{a}", host) for v in ACCEPTED[:5]]]:
-            r = await service.get(
-                "/groups/g1/integrations/acme/authorize", params={"return_to": value}
+            r = await service.post(
+                "/groups/g1/integrations/acme/authorize", json={"return_to": value}
             )
-            assert r.status_code == 302, (value, r.text)
-            assert "evil" not in r.headers["location"]
-            recorded = await flow_return_to(sec_broker, query_param(r.headers["location"], "state"))
             expected = safe_return_to(value, [sec.BASE_URL, sec.HOST_ORIGIN])
+            assert (expected is None) == (value in classic(host)), value
+            if expected is None:
+                assert r.status_code == 422, (value, r.text)
+                assert r.json()["error"]["field"] == "return_to"
+                assert "evil" not in r.text
+                continue
+            assert r.status_code == 201, (value, r.text)
+            started = await service.post(
+                "/oauth/start", json={"ticket": r.json()["ticket"]},
+                headers={"Origin": sec.BASE_URL},
+            )
+            assert started.status_code == 200, started.text
+            location = started.json()["location"]
+            assert "evil" not in location
+            recorded = await flow_return_to(sec_broker, query_param(location, "state"))
             assert recorded == expected, (value, recorded)
-            assert (recorded is None) == (value in classic(host)), value
 
 
 async def test_result_page_links_back_only_to_a_safe_return_to(
@@ -210,9 +221,9 @@ async def test_result_page_links_back_only_to_a_safe_return_to(
     ]
     async with live_factory() as live, live.browser() as browser:
         for value in [v.replace("{a}", host) for v in tricky]:
-            page = await live.popup(browser, query=f"&return_to={quote(value, safe='')}")
-            assert page_data(page)["message"]["status"] == "connected", (value, page.text)
-            assert "<a " not in page.text, value
-            assert "evil" not in page.text and "script:" not in page.text, value
+            r = await live.authorize(browser, query=f"&return_to={quote(value, safe='')}")
+            assert r.status_code == 422, (value, r.text)
+            assert "evil" not in r.text and "script:" not in r.text, value
+        assert await live.flows() == 0
         page = await live.popup(browser, query=f"&return_to={quote(HOST_ORIGIN + '/x', safe='')}")
         assert f'<a href="{HOST_ORIGIN}/x">Go back</a>' in page.text

@@ -28,7 +28,7 @@ from tests.security import security_support as sec
 sec_broker = sec.sec_broker
 
 # Reached without any token (the middleware's own list says the same; checked below).
-PUBLIC = {"/healthz", "/openapi.json", "/oauth/callback", "/connect", "/static"}
+PUBLIC = {"/healthz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect", "/static"}
 
 # How to call each non-public route: (method, path template) -> request keyword arguments.
 CALLS: dict[tuple[str, str], dict[str, Any]] = {
@@ -39,18 +39,27 @@ CALLS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/groups/{group_id}/integrations/{name}/credentials"): {
         "params": {"force_refresh": "true"}
     },
+    ("POST", "/groups/{group_id}/integrations/{name}/authorize"): {
+        "json": {"return_to": "/back"}
+    },
+    # A sign-in opened from a link: refused (a result page) whoever asks.
     ("GET", "/groups/{group_id}/integrations/{name}/authorize"): {
-        "params": {"return_to": "/back"}
+        "params": {"return_to": "/back", "session": "bcs_x"}
     },
     ("GET", "/groups/{group_id}/events"): {},
+    ("GET", "/connect-sessions/current"): {},
 }
+AUTHORIZE = "/groups/{group_id}/integrations/{name}/authorize"
 # Routes a connect session may use at all (the others answer it 403, for any group).
 SESSION_ROUTES = {
-    "/groups/{group_id}/integrations",
-    "/groups/{group_id}/integrations/custom/{name}",
-    "/groups/{group_id}/integrations/custom/{name}/disconnect",
-    "/groups/{group_id}/integrations/{name}/authorize",
+    ("GET", "/groups/{group_id}/integrations"),
+    ("POST", "/groups/{group_id}/integrations/custom/{name}"),
+    ("POST", "/groups/{group_id}/integrations/custom/{name}/disconnect"),
+    ("POST", AUTHORIZE),
+    ("GET", "/connect-sessions/current"),
 }
+# Routes that refuse every authenticated caller alike (a result page, 400).
+REFUSED = {("GET", AUTHORIZE)}
 KNOWN_PARAMS = {"group_id", "name"}
 
 OWN, OTHER, MISSING = "ga", "gb", "gc-does-not-exist"
@@ -136,8 +145,13 @@ async def seed(broker: Broker) -> tuple[str, str]:
                 "api_key": key
             })
             assert r.status_code == 200, r.text
-            r = await service.get(f"/groups/{group}/integrations/acme/authorize")
-            assert r.status_code == 302, r.text
+            r = await service.post(f"/groups/{group}/integrations/acme/authorize")
+            assert r.status_code == 201, r.text
+            r = await service.post(
+                "/oauth/start", json={"ticket": r.json()["ticket"]},
+                headers={"Origin": sec.BASE_URL},
+            )
+            assert r.status_code == 200, r.text
         sessions = []
         for group in (OWN, OTHER):
             r = await service.post("/connect-sessions", json={"group_id": group})
@@ -209,12 +223,12 @@ async def test_session_naming_another_group_gets_what_a_missing_group_gets_and_t
                 )
                 where = f"{e.method} {fill(e.template, OTHER, name)}"
                 assert same(other, missing), (where, other.text, missing.text)
-                if e.template in SESSION_ROUTES:
+                if (e.method, e.template) in REFUSED:
+                    assert other.status_code == 400, (where, other.text)
+                    assert other.headers["content-type"].startswith("text/html"), where
+                elif (e.method, e.template) in SESSION_ROUTES:
                     assert other.status_code == 404, (where, other.text)
-                    if other.headers["content-type"].startswith("application/json"):
-                        assert other.json()["error"]["code"] == "not_found", where
-                    else:  # the authorize route: the popup's result page
-                        assert "Not found." in other.text, where
+                    assert other.json()["error"]["code"] == "not_found", where
                 else:
                     assert other.status_code == 403, (where, other.text)
                 assert sec.KEY_B not in other.text
@@ -233,13 +247,13 @@ async def test_session_still_works_on_its_own_group_through_the_same_matrix(
     bearer = {"Authorization": f"Bearer {session_a}"}
     async with sec.app_client(sec_broker, headers=bearer) as browser:
         for e in matrix(create_app(sec_broker)):
-            if e.template not in SESSION_ROUTES:
+            if (e.method, e.template) not in SESSION_ROUTES:
                 continue
             name = "acme" if e.template.endswith("/authorize") else "hexkey"
             r = await browser.request(
                 e.method, fill(e.template, OWN, name), **CALLS[(e.method, e.template)]
             )
-            assert r.status_code in (200, 302), (e.template, r.text)
+            assert r.status_code in (200, 201), (e.template, r.text)
     assert {("list", OWN), ("put", OWN), ("delete", OWN)} <= set(reads.groups), reads.groups
 
 
@@ -270,8 +284,9 @@ async def test_every_non_public_route_without_a_token_gets_the_same_401_and_chan
                     where = f"{e.method} {path} {headers}"
                     assert r.status_code == 401, (where, r.text)
                     assert r.headers["cache-control"] == "no-store", where
-                    if e.template.endswith("/authorize"):
-                        # The popup's route ends on the result page, which tells the opener.
+                    if (e.method, e.template) in REFUSED:
+                        # A popup (or a link) opened this: the result page, which tells
+                        # the opener.
                         assert r.headers["content-type"].startswith("text/html"), where
                         page_401.add(r.content)
                     else:
@@ -288,6 +303,6 @@ async def test_public_routes_answer_without_a_token(sec_broker: Broker) -> None:
         for path in sorted(PUBLIC):
             target = "/static/broker.css" if path == "/static" else path
             r = await anonymous.get(target)
-            assert r.status_code != 401 or path == "/connect", (path, r.text)
-            # /connect without a session is its own "link is not valid" page, not the API's.
+            # Only the callback fails here (no state): with its result page, not a 401.
+            assert r.status_code == (400 if path == "/oauth/callback" else 200), (path, r.text)
             assert "unauthorized" not in r.text, path

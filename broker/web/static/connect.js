@@ -1,14 +1,20 @@
 // The connect page. Plain JavaScript, no build step, no network beyond the broker.
-// Reads the page's data block, lists the session's integrations through the API (the
-// session is the bearer token), and connects, reconnects and disconnects them.
+// Gets its connect session (from the host app by postMessage, or from its link), lists the
+// session's integrations through the API (the session is the bearer token), and connects,
+// reconnects and disconnects them. Opened from a link, it names the workspace and asks
+// before connecting anything to it: anyone can send anyone a link.
 (function () {
   "use strict";
 
   var data = JSON.parse(document.getElementById("broker-connect").textContent);
-  var session = new URLSearchParams(window.location.search).get("session") || "";
+  var STORE = "broker:connect-session";
+  var session = ""; // the bearer token
+  var fromLink = false; // true: every connect asks the person to confirm the workspace
+  var workspace = ""; // the workspace's name (or its group id)
+  var groupId = "";
   var list = document.getElementById("integrations");
   var statusLine = document.getElementById("status");
-  var popups = {}; // integration -> {window, timer, done}
+  var popups = {}; // integration -> {window, timer, done, ticket, ready, sent}
 
   var LABELS = {
     connected: "Connected",
@@ -166,40 +172,72 @@
       event.preventDefault();
       clearErrors(form);
       if (!checkFields(form, item.fields || {})) return;
-      var body = {};
-      form.querySelectorAll("input").forEach(function (input) {
-        if (input.value !== "") body[input.name] = input.value;
-      });
-      var button = form.querySelector("button");
-      button.disabled = true;
-      say("Connecting " + item.display_name + "…");
-      api("POST", item.config.trigger, body).then(function (result) {
-        button.disabled = false;
-        if (result.ok) {
-          finished(item, "connected");
-        } else if (result.body && result.body.error) {
-          say("");
-          showErrors(form, result.body.error);
-        } else {
-          say("Could not connect " + item.display_name + " (HTTP " + result.status + ").", "error");
-        }
-      }, function () {
-        button.disabled = false;
-        say("Could not reach the server. Check your connection and try again.", "error");
-      });
+      confirmThen(form, item, function () { submitCredential(form, item); });
     });
     return form;
   }
 
-  function authorizeUrl(item, form) {
-    var params = new URLSearchParams();
-    params.set("session", session);
-    if (form) {
-      form.querySelectorAll("input").forEach(function (input) {
-        if (input.value !== "") params.set(input.name, input.value);
-      });
+  function submitCredential(form, item) {
+    var button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    say("Connecting " + item.display_name + "…");
+    api("POST", item.config.trigger, formValues(form)).then(function (result) {
+      button.disabled = false;
+      if (result.ok) {
+        finished(item, "connected");
+      } else if (result.body && result.body.error) {
+        say("");
+        showErrors(form, result.body.error);
+      } else {
+        say("Could not connect " + item.display_name + " (HTTP " + result.status + ").", "error");
+      }
+    }, function () {
+      button.disabled = false;
+      say("Could not reach the server. Check your connection and try again.", "error");
+    });
+  }
+
+  // Opened from a link: before anything is connected, the person confirms the workspace
+  // by name (a link from someone else would connect their own account to that workspace).
+  // From the host app, the host vouches for the workspace: go ahead at once. ``proceed``
+  // runs inside the click that confirms (a popup may be opened there).
+  function confirmThen(form, item, proceed) {
+    if (!fromLink) {
+      proceed();
+      return;
     }
-    return item.config.trigger + "?" + params.toString();
+    var old = form.querySelector(".confirm-workspace");
+    if (old) old.remove();
+    var submit = form.querySelector("button[type=submit]");
+    var box = el("div", { className: "confirm confirm-workspace", role: "group", "aria-label": "Confirm workspace" }, [
+      el("p", { className: "question", text: "Connect " + item.display_name + " to the workspace “" + workspace + "”?" }),
+      el("p", { className: "note", text: "Only continue if “" + workspace + "” is your workspace. If someone sent you this link, your account would be connected to theirs." }),
+    ]);
+    var yes = el("button", { type: "button", className: "primary", text: "Connect to " + workspace });
+    var no = el("button", { type: "button", className: "secondary", text: "Cancel" });
+    box.appendChild(yes);
+    box.appendChild(no);
+    submit.hidden = true;
+    form.appendChild(box);
+    yes.focus();
+    yes.addEventListener("click", function () {
+      box.remove();
+      submit.hidden = false;
+      proceed();
+    });
+    no.addEventListener("click", function () {
+      box.remove();
+      submit.hidden = false;
+      submit.focus();
+    });
+  }
+
+  function formValues(form) {
+    var values = {};
+    form.querySelectorAll("input").forEach(function (input) {
+      if (input.value !== "") values[input.name] = input.value;
+    });
+    return values;
   }
 
   function oauthForm(item) {
@@ -214,30 +252,70 @@
       event.preventDefault();
       clearErrors(form);
       if (!checkFields(form, item.settings || {})) return;
-      openPopup(item, authorizeUrl(item, form));
+      confirmThen(form, item, function () { signIn(item, form, formValues(form)); });
     });
     return form;
   }
 
-  function openPopup(item, url) {
+  // Ask for a single-use ticket for this sign-in (settings are checked again there).
+  function ticketFor(item, settings, returnTo) {
+    var body = { settings: settings };
+    if (returnTo) body.return_to = returnTo;
+    return api("POST", item.config.trigger, body);
+  }
+
+  function ticketFailed(item, form, result) {
+    if (result.body && result.body.error) showErrors(form, result.body.error);
+    else say("Could not start signing in to " + item.display_name + " (HTTP " + result.status + ").", "error");
+  }
+
+  // Open the popup at once (a popup opened after an await is blocked), then hand it the
+  // ticket when both are ready: the start page asks for it by postMessage.
+  function signIn(item, form, settings) {
     var width = item.config.width || 660;
     var height = item.config.height || 660;
     var left = Math.max(0, (window.screenX || 0) + (window.outerWidth - width) / 2);
     var top = Math.max(0, (window.screenY || 0) + (window.outerHeight - height) / 2);
     var features = "popup,width=" + width + ",height=" + height + ",left=" + left + ",top=" + top;
-    var popup = window.open(url, "broker-" + item.name, features);
+    var popup = window.open(data.origin + "/oauth/start", "broker-" + item.name, features);
     if (!popup) {
-      // Blocked: run the flow in this window and come back here afterwards.
-      var back = window.location.pathname + window.location.search;
-      window.location.assign(url + "&return_to=" + encodeURIComponent(back));
+      // Blocked: run the sign-in in this window and come back here afterwards.
+      say("Taking you to sign in to " + item.display_name + "…");
+      ticketFor(item, settings, window.location.pathname).then(function (result) {
+        if (!result.ok) {
+          say("");
+          ticketFailed(item, form, result);
+          return;
+        }
+        return redeemHere(result.body.ticket);
+      }, function () {
+        say("Could not reach the server. Check your connection and try again.", "error");
+      });
       return;
     }
     // A second click reuses the named window: retire the first watcher, or it would report
     // "closed before it finished" when the (new) flow's window closes after succeeding.
     var previous = popups[item.name];
     if (previous) window.clearInterval(previous.timer);
-    var entry = { window: popup, done: false, timer: null };
+    var entry = { window: popup, done: false, timer: null, ticket: null, ready: false, sent: false };
     popups[item.name] = entry;
+    ticketFor(item, settings, null).then(function (result) {
+      if (popups[item.name] !== entry) return;
+      if (!result.ok) {
+        entry.done = true;
+        window.clearInterval(entry.timer);
+        popup.close();
+        say("");
+        ticketFailed(item, form, result);
+        return;
+      }
+      entry.ticket = result.body.ticket;
+      handOver(entry);
+    }, function () {
+      entry.done = true;
+      popup.close();
+      say("Could not reach the server. Check your connection and try again.", "error");
+    });
     say("Finish signing in to " + item.display_name + " in the window that opened.");
     entry.timer = window.setInterval(function () {
       if (!popup.closed) return;
@@ -249,6 +327,33 @@
         }
       }, 300);
     }, 400);
+  }
+
+  function handOver(entry) {
+    if (entry.ticket && entry.ready && !entry.sent) {
+      entry.sent = true;
+      entry.window.postMessage({ type: "broker:start", ticket: entry.ticket }, data.origin);
+    }
+  }
+
+  // Popups blocked: redeem the ticket from this page and go to the provider in this window.
+  function redeemHere(ticket) {
+    return fetch("/oauth/start", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ticket: ticket }),
+      credentials: "same-origin",
+    }).then(function (response) {
+      return response.json().then(function (body) {
+        if (response.ok && body && typeof body.location === "string") {
+          window.location.assign(body.location);
+        } else {
+          say((body && body.error && body.error.message) || "Could not start signing in.", "error");
+        }
+      });
+    }, function () {
+      say("Could not reach the server. Check your connection and try again.", "error");
+    });
   }
 
   // source: the window that posted the result, or null when it came on the channel.
@@ -299,7 +404,7 @@
     var wrap = el("div", { className: "disconnect" });
     var ask = el("button", { type: "button", className: "secondary", text: "Disconnect" });
     var confirmBox = el("div", { className: "confirm", role: "group", "aria-label": "Confirm disconnect", hidden: true }, [
-      el("p", { text: "Disconnect " + item.display_name + "? Workflows using it will stop working until it is connected again." }),
+      el("p", { text: "Disconnect " + item.display_name + (fromLink ? " from the workspace “" + workspace + "”" : "") + "? Workflows using it will stop working until it is connected again." }),
     ]);
     var yes = el("button", { type: "button", className: "danger", text: "Yes, disconnect" });
     var no = el("button", { type: "button", className: "secondary", text: "Cancel" });
@@ -371,13 +476,14 @@
   }
 
   function load() {
-    return api("GET", "/groups/" + encodeURIComponent(data.group_id) + "/integrations").then(function (result) {
+    return api("GET", "/groups/" + encodeURIComponent(groupId) + "/integrations").then(function (result) {
       if (!result.ok) {
-        var message = result.status === 401
-          ? "This link has expired. Go back to the app and open the integrations page again."
-          : "Could not load the integrations (HTTP " + result.status + ").";
+        if (result.status === 401) {
+          sessionEnded(result.body);
+          return;
+        }
         list.replaceChildren();
-        say(message, "error");
+        say("Could not load the integrations (HTTP " + result.status + ").", "error");
         return;
       }
       list.replaceChildren.apply(list, result.body.integrations.map(card));
@@ -388,10 +494,22 @@
   }
 
   window.addEventListener("message", function (event) {
-    // Only the broker's own pages (the popup's result page) may report a result; this
-    // also refuses the "null" origin of sandboxed frames and data: URLs.
+    // Only the broker's own pages (the popup's start and result pages) may ask for a
+    // ticket or report a result; this also refuses the "null" origin of sandboxed frames
+    // and data: URLs.
     if (event.origin !== data.origin) return;
-    onOauthResult(event.data, event.source);
+    var message = event.data;
+    if (message && message.type === "broker:start-ready") {
+      Object.keys(popups).forEach(function (name) {
+        var entry = popups[name];
+        if (entry.window === event.source && !entry.done) {
+          entry.ready = true;
+          handOver(entry);
+        }
+      });
+      return;
+    }
+    onOauthResult(message, event.source);
   });
   if ("BroadcastChannel" in window) {
     // Same-origin fallback when the provider's Cross-Origin-Opener-Policy severed the opener.
@@ -400,5 +518,108 @@
     });
   }
 
-  load();
+  // --- the session --------------------------------------------------------------------
+
+  // Nothing but this message on the page (no list, no form).
+  function showOnly(message) {
+    document.querySelector("header .lead").hidden = true;
+    statusLine.hidden = true;
+    list.replaceChildren();
+    var notice = el("p", { className: "notice error", role: "alert", id: "session-error", text: message });
+    list.parentNode.insertBefore(notice, list);
+  }
+
+  function sessionEnded(body) {
+    try { window.sessionStorage.removeItem(STORE); } catch (e) { /* storage off */ }
+    var expired = body && body.error && body.error.reason === "session_expired";
+    showOnly(expired
+      ? "This link has expired. Go back to the app and open the integrations page again."
+      : "This link is not valid. Go back to the app and open the integrations page again.");
+  }
+
+  function remember(token, link) {
+    session = token;
+    fromLink = link;
+    // Kept for this tab only, so a reload (or a sign-in run in this window when popups
+    // are blocked) comes back to the same session.
+    try { window.sessionStorage.setItem(STORE, JSON.stringify({ token: token, link: link })); } catch (e) { /* storage off */ }
+  }
+
+  // The session comes from the link (its fragment), from this tab's earlier visit, or
+  // from the host app that embeds or opened this page. Calls ``ready`` once it has one.
+  function obtainSession(ready) {
+    var match = /^#(?:.*&)?session=([^&]*)/.exec(window.location.hash);
+    if (match) {
+      // Out of the address bar (and so out of history and bookmarks) at once.
+      window.history.replaceState(null, "", window.location.pathname);
+      remember(decodeURIComponent(match[1]), true);
+      ready();
+      return;
+    }
+    var saved = null;
+    try { saved = JSON.parse(window.sessionStorage.getItem(STORE) || "null"); } catch (e) { saved = null; }
+    if (saved && typeof saved.token === "string") {
+      remember(saved.token, saved.link !== false);
+      ready();
+      return;
+    }
+    var hosts = [];
+    if (window.parent && window.parent !== window) hosts.push(window.parent);
+    if (window.opener && !window.opener.closed) hosts.push(window.opener);
+    if (!hosts.length || !data.allowed_origins.length) {
+      showOnly("Open this page from the app (or from the link it sent you).");
+      return;
+    }
+    var answered = false;
+    window.addEventListener("message", function (event) {
+      // Only the window that embeds or opened this page, and only on an allowed origin.
+      if (answered || hosts.indexOf(event.source) < 0 || data.allowed_origins.indexOf(event.origin) < 0) return;
+      var message = event.data;
+      if (!message || message.type !== "broker:session" || typeof message.token !== "string") return;
+      answered = true;
+      remember(message.token, false);
+      ready();
+    });
+    var asked = 0;
+    (function ask() {
+      if (answered) return;
+      if (++asked > 40) {
+        showOnly("Open this page from the app (or from the link it sent you).");
+        return;
+      }
+      hosts.forEach(function (host) {
+        data.allowed_origins.forEach(function (origin) {
+          try { host.postMessage({ type: "broker:connect-ready" }, origin); } catch (e) { /* gone */ }
+        });
+      });
+      window.setTimeout(ask, 250);
+    })();
+  }
+
+  function start() {
+    api("GET", "/connect-sessions/current").then(function (result) {
+      if (!result.ok) {
+        if (result.status === 401) sessionEnded(result.body);
+        else showOnly("Could not open this page (HTTP " + result.status + "). Try again later.");
+        return;
+      }
+      groupId = result.body.group_id;
+      workspace = result.body.display_name || result.body.group_id;
+      var banner = document.getElementById("workspace");
+      banner.replaceChildren(
+        document.createTextNode("Workspace: "),
+        el("strong", { text: workspace })
+      );
+      if (fromLink) {
+        banner.appendChild(el("span", { className: "link-note", text: " — you opened this page from a link: check that this is your workspace before connecting anything." }));
+      }
+      banner.hidden = false;
+      document.body.setAttribute("data-mode", fromLink ? "link" : "host");
+      load();
+    }, function () {
+      showOnly("Could not reach the server. Check your connection and try again.");
+    });
+  }
+
+  obtainSession(start);
 })();
