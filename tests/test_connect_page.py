@@ -1,8 +1,12 @@
 """The connect page in a real browser (headless Chromium) against a live ``broker serve``
 and the real OAuth2 authorization server (``tests/authserver``), both on 127.0.0.1.
 
-One ``broker serve`` is shared by the module; each test uses its own group id. A host app
-(``HostSite``) on a second loopback origin embeds the page and tries to fool it.
+One ``broker serve`` is shared by the module; each test uses its own group id. Most tests
+open the page from its link (``connect_url``), as a person who got it by email does: the
+page names the workspace and every connect asks to confirm it. A host app (``HostSite``) on
+a second loopback origin embeds the page (handing it the session by ``postMessage``: no
+confirmation then), opens the sign-in popup itself, and tries to fool the page.
+(``tests/security/test_forced_linking.py`` is the attack on links.)
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ APIKEY_PROVIDER = {
     },
 }
 
-# The host app: embeds the connect page (``?src=``) and records every message it gets.
+# The host app: embeds the connect page (``?broker=<origin>&token=<session>``), hands it
+# the session when it asks, and records every other message it gets.
 EMBED_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Host app</title></head>
 <body>
@@ -60,11 +65,44 @@ EMBED_PAGE = """<!doctype html>
 <iframe id="sender" name="sender" sandbox="allow-scripts" srcdoc="<p>sandboxed</p>"
   style="width:10px;height:10px"></iframe>
 <script>
+var params = new URLSearchParams(location.search);
+var broker = params.get("broker"), token = params.get("token");
 window.received = [];
 window.addEventListener("message", function (e) {
+  if (e.origin === broker && e.data && e.data.type === "broker:connect-ready") {
+    e.source.postMessage({ type: "broker:session", token: token }, broker);
+    return;
+  }
   window.received.push({ origin: e.origin, data: e.data });
 });
-document.getElementById("broker").src = new URLSearchParams(location.search).get("src");
+document.getElementById("broker").src = broker + "/connect";
+</script>
+</body></html>
+"""
+
+# The host app opening the sign-in popup itself, with a ticket its backend got
+# (``?broker=<origin>&ticket=<ticket>``): it answers the popup's start page, then hears
+# the result.
+SIGN_IN_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Host app</title></head>
+<body>
+<button id="connect" type="button">Connect Acme</button>
+<script>
+var params = new URLSearchParams(location.search);
+var broker = params.get("broker"), ticket = params.get("ticket");
+var popup = null;
+window.results = [];
+document.getElementById("connect").addEventListener("click", function () {
+  popup = window.open(broker + "/oauth/start", "signin", "popup,width=600,height=600");
+});
+window.addEventListener("message", function (e) {
+  if (e.origin !== broker || !e.data) return;
+  if (e.data.type === "broker:start-ready" && e.source === popup) {
+    popup.postMessage({ type: "broker:start", ticket: ticket }, broker);
+  } else if (e.data.type === "broker:oauth") {
+    window.results.push(e.data);
+  }
+});
 </script>
 </body></html>
 """
@@ -94,8 +132,25 @@ class Env:
     host: HostSite
 
     def session_url(self, group_id: str, *integrations: str) -> str:
-        extra = {"integrations": list(integrations)} if integrations else {}
+        """The link to the page for ``group_id`` (its workspace named ``Team <group_id>``)."""
+        extra: dict[str, Any] = {"display_name": workspace(group_id)}
+        if integrations:
+            extra["integrations"] = list(integrations)
         return self.serve.session_url(group_id, **extra)
+
+    def session_token(self, group_id: str, *integrations: str) -> str:
+        with self.serve.service() as c:
+            body: dict[str, Any] = {"group_id": group_id, "display_name": workspace(group_id)}
+            if integrations:
+                body["integrations"] = list(integrations)
+            r = c.post("/connect-sessions", json=body)
+            assert r.status_code == 201, r.text
+            return str(r.json()["token"])
+
+    def embed_url(self, group_id: str, *integrations: str) -> str:
+        """The host app's page embedding the connect page for ``group_id``."""
+        token = self.session_token(group_id, *integrations)
+        return f"{self.host.origin}/embed?broker={quote(self.serve.url)}&token={quote(token)}"
 
     def credentials(self, group_id: str, name: str, **params: str) -> httpx.Response:
         with self.serve.service() as c:
@@ -116,6 +171,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         {
             "/embed": EMBED_PAGE,
             "/coop/authorize": (coop_page, {"Cross-Origin-Opener-Policy": "same-origin"}),
+            "/sign-in": SIGN_IN_PAGE,
         }
     ).start()
     oauth = {
@@ -181,13 +237,30 @@ def main_navigations(page: Any) -> list[str]:
     return seen
 
 
-async def sign_in_through_popup(
-    page: Any, watch: ConsoleWatch, button: Any, username: str
-) -> Any:
-    """Click ``button``, sign in at the provider in the popup, wait for it to close."""
+def workspace(group_id: str) -> str:
+    return f"Team {group_id}"
+
+
+async def confirm_and_open_popup(page: Any, card: Any, button: Any) -> Any:
+    """Click ``button`` (Connect / Reconnect) in ``card``, confirm the workspace it names
+    (the page came from a link), and return the sign-in popup that opens."""
+    await button.click()
+    box = card.get_by_role("group", name="Confirm workspace")
+    group_id = await page.evaluate("document.getElementById('workspace').textContent")
+    assert group_id.startswith("Workspace: Team ")
+    name = group_id.removeprefix("Workspace: ").split(" — ")[0]
+    assert f"to the workspace “{name}”?" in await box.inner_text()
     async with page.expect_popup() as info:
-        await button.click()
-    popup = await info.value
+        await box.get_by_role("button", name=f"Connect to {name}").click()
+    return await info.value
+
+
+async def sign_in_through_popup(
+    page: Any, watch: ConsoleWatch, card: Any, button: Any, username: str
+) -> Any:
+    """Click ``button``, confirm, sign in at the provider in the popup, wait for it to
+    close."""
+    popup = await confirm_and_open_popup(page, card, button)
     watch.attach(popup)
     await popup.locator("#username").fill(username)
     async with popup.expect_event("close"):
@@ -213,6 +286,16 @@ async def test_apikey_connects_through_the_form_after_a_field_error_is_corrected
     await screenshot(page, "connect-field-error")
     await field.fill(KEY)
     await card.get_by_role("button", name="Connect").click()
+    # Opened from a link: nothing is stored before the person confirms the workspace.
+    box = card.get_by_role("group", name="Confirm workspace")
+    assert "Connect Example AI to the workspace “Team team-1”?" in await box.inner_text()
+    assert await page.locator("#workspace").inner_text() == (
+        "Workspace: Team team-1 — you opened this page from a link: check that this is your "
+        "workspace before connecting anything."
+    )
+    assert env.credentials("team-1", "exampleai").status_code == 404
+    await screenshot(page, "connect-confirm-workspace")
+    await box.get_by_role("button", name="Connect to Team team-1").click()
     await page.locator('[data-integration="exampleai"][data-status="connected"]').wait_for()
     connected = page.locator('[data-integration="exampleai"]')
     text = await connected.inner_text()
@@ -233,9 +316,7 @@ async def test_oauth2_connects_through_a_popup_sized_by_the_integration(
     navigations = main_navigations(page)
     await page.evaluate("window.stillHere = true")
 
-    async with page.expect_popup() as info:
-        await card.get_by_role("button", name="Connect").click()
-    popup = await info.value
+    popup = await confirm_and_open_popup(page, card, card.get_by_role("button", name="Connect"))
     console.attach(popup)
     await popup.locator("#username").wait_for()
     assert popup.url.startswith(env.auth.authorize_endpoint + "?")
@@ -261,9 +342,7 @@ async def test_the_result_arrives_when_the_provider_severs_the_opener(
     page = await new_page(browser, console)
     await page.goto(env.session_url("g-coop", "coopco"))
     card = page.locator('[data-integration="coopco"]')
-    async with page.expect_popup() as info:
-        await card.get_by_role("button", name="Connect").click()
-    popup = await info.value
+    popup = await confirm_and_open_popup(page, card, card.get_by_role("button", name="Connect"))
     console.attach(popup)
     await popup.locator("#username").wait_for()
     assert await popup.evaluate("window.opener === null")  # severed
@@ -280,7 +359,9 @@ async def test_a_revoked_grant_needs_reauth_and_reconnects(
     page = await new_page(browser, console)
     await page.goto(env.session_url("g-reauth", "acme"))
     card = page.locator('[data-integration="acme"]')
-    await sign_in_through_popup(page, console, card.get_by_role("button", name="Connect"), "bob")
+    await sign_in_through_popup(
+        page, console, card, card.get_by_role("button", name="Connect"), "bob"
+    )
     await page.locator('[data-integration="acme"][data-status="connected"]').wait_for()
 
     assert env.auth.revoke_user_grants("bob") >= 1
@@ -294,7 +375,7 @@ async def test_a_revoked_grant_needs_reauth_and_reconnects(
     await reconnect.wait_for()
     await screenshot(page, "connect-needs-reauth")
 
-    await sign_in_through_popup(page, console, reconnect, "bob")
+    await sign_in_through_popup(page, console, card, reconnect, "bob")
     await page.locator('[data-integration="acme"][data-status="connected"]').wait_for()
     assert env.credentials("g-reauth", "acme").status_code == 200
 
@@ -333,14 +414,15 @@ async def test_an_unknown_or_expired_session_shows_only_a_message(
 
     async def shows_only(message: str) -> None:
         error = page.locator("#session-error")
+        await error.wait_for()
         assert message in await error.inner_text()
-        assert await page.locator("#integrations, form, input, button").count() == 0
-        assert await page.locator("script").count() == 0
+        assert await page.locator(".card, form, input, button").count() == 0
+        assert await page.locator("#workspace").is_hidden()
 
     unknown = "bcs_" + secrets.token_urlsafe(32)
-    response = await page.goto(f"{env.serve.url}/connect?session={unknown}")
-    assert response is not None and response.status == 401
+    await page.goto(f"{env.serve.url}/connect#session={unknown}")
     await shows_only("This link is not valid.")
+    assert page.url == f"{env.serve.url}/connect"  # the token left the address bar
 
     url = env.session_url("g-expired")
     with sqlite3.connect(env.serve.database) as db:
@@ -348,8 +430,8 @@ async def test_an_unknown_or_expired_session_shows_only_a_message(
             "UPDATE connect_sessions SET expires_at = '2000-01-01 00:00:00.000000' "
             "WHERE group_id = 'g-expired'"
         )
-    response = await page.goto(url)
-    assert response is not None and response.status == 401
+    page = await new_page(browser, console)  # a fresh tab: nothing remembered
+    await page.goto(url)
     await shows_only("This link has expired.")
     await screenshot(page, "connect-session-expired")
 
@@ -360,9 +442,7 @@ async def test_closing_the_popup_midway_says_so_and_stores_nothing(
     page = await new_page(browser, console)
     await page.goto(env.session_url("g-closed", "acme"))
     card = page.locator('[data-integration="acme"]')
-    async with page.expect_popup() as info:
-        await card.get_by_role("button", name="Connect").click()
-    popup = await info.value
+    popup = await confirm_and_open_popup(page, card, card.get_by_role("button", name="Connect"))
     console.attach(popup)
     await popup.locator("#username").wait_for()
     await popup.close()
@@ -380,13 +460,12 @@ async def test_a_second_click_reuses_the_sign_in_window(
     await page.goto(env.session_url("g-twice", "acme"))
     card = page.locator('[data-integration="acme"]')
     button = card.get_by_role("button", name="Connect")
-    async with page.expect_popup() as info:
-        await button.click()
-    popup = await info.value
+    popup = await confirm_and_open_popup(page, card, button)
     console.attach(popup)
     await popup.locator("#username").wait_for()
-    async with popup.expect_event("load"):  # e.g. the window got lost behind this one
-        await button.click()
+    await button.click()  # e.g. the window got lost behind this one
+    async with popup.expect_event("load"):
+        await card.get_by_role("button", name="Connect to Team g-twice").click()
     await popup.locator("#username").fill("dave")
     async with popup.expect_event("close"):
         await popup.locator("#allow").click()
@@ -413,9 +492,7 @@ async def test_per_connection_settings_are_checked_before_the_popup(
     assert popups == []
 
     await tenant.fill("contoso")
-    async with page.expect_popup() as info:
-        await card.get_by_role("button", name="Connect").click()
-    popup = await info.value
+    popup = await confirm_and_open_popup(page, card, card.get_by_role("button", name="Connect"))
     console.attach(popup)
     await popup.locator("#username").wait_for()
     assert "tenant=contoso" in popup.url
@@ -426,12 +503,11 @@ async def test_per_connection_settings_are_checked_before_the_popup(
     assert env.credentials("g-tenant", "tenantco").status_code == 200
 
 
-async def test_an_embedding_host_hears_of_each_connection(
+async def test_an_embedding_host_hands_over_the_session_and_hears_of_each_connection(
     browser: Any, console: ConsoleWatch, env: Env  # noqa: F811
 ) -> None:
-    url = env.session_url("g-embed", "exampleai")
     async with httpx.AsyncClient() as http:
-        r = await http.get(url)
+        r = await http.get(f"{env.serve.url}/connect")
     assert r.status_code == 200
     csp = r.headers["content-security-policy"]
     ancestors = [d for d in csp.split(";") if d.strip().startswith("frame-ancestors")]
@@ -440,12 +516,15 @@ async def test_an_embedding_host_hears_of_each_connection(
     assert r.headers["cache-control"] == "no-store"
 
     page = await new_page(browser, console)
-    await page.goto(f"{env.host.origin}/embed?src={quote(url, safe='')}")
+    await page.goto(env.embed_url("g-embed", "exampleai"))
     frame = page.frame_locator("#broker")
     card = frame.locator('[data-integration="exampleai"]')
     await card.get_by_label("API key").fill(KEY)
+    # The host app vouched for the workspace: no confirmation, connected at once.
     await card.get_by_role("button", name="Connect").click()
     await frame.locator('[data-integration="exampleai"][data-status="connected"]').wait_for()
+    assert await frame.locator("body").get_attribute("data-mode") == "host"
+    assert await frame.locator("#workspace").inner_text() == "Workspace: Team g-embed"
     await page.wait_for_function("window.received.length > 0")
     received = await page.evaluate("window.received")
     assert received == [
@@ -454,6 +533,60 @@ async def test_an_embedding_host_hears_of_each_connection(
             "data": {"type": "broker:connect", "integration": "exampleai", "status": "connected"},
         }
     ]
+
+
+async def test_a_host_app_opens_the_sign_in_popup_itself(
+    browser: Any, console: ConsoleWatch, env: Env  # noqa: F811
+) -> None:
+    """The host's backend gets a ticket (service token); its frontend opens the popup on
+    the broker's start page and hands the ticket over when the page asks."""
+    with env.serve.service() as c:
+        r = c.post("/groups/g-host-popup/integrations/acme/authorize", json={})
+        assert r.status_code == 201, r.text
+        ticket = r.json()["ticket"]
+        assert r.json()["start_url"] == f"{env.serve.url}/oauth/start"
+    page = await new_page(browser, console)
+    await page.goto(
+        f"{env.host.origin}/sign-in?broker={quote(env.serve.url)}&ticket={quote(ticket)}"
+    )
+    async with page.expect_popup() as info:
+        await page.locator("#connect").click()
+    popup = await info.value
+    console.attach(popup)
+    await popup.locator("#username").wait_for()
+    assert popup.url.startswith(env.auth.authorize_endpoint + "?")
+    assert ticket not in popup.url
+    await popup.locator("#username").fill("hana")
+    async with popup.expect_event("close"):
+        await popup.locator("#allow").click()
+    await page.wait_for_function("window.results.length > 0")
+    assert await page.evaluate("window.results") == [
+        {"type": "broker:oauth", "integration": "acme", "status": "connected", "error": None}
+    ]
+    assert env.credentials("g-host-popup", "acme").status_code == 200
+
+
+async def test_a_blocked_popup_runs_the_sign_in_in_the_page_and_comes_back(
+    browser: Any, console: ConsoleWatch, env: Env  # noqa: F811
+) -> None:
+    page = await new_page(browser, console)
+    # What a popup blocker does to the page: window.open gives nothing.
+    await page.add_init_script("window.open = function () { return null; };")
+    await page.goto(env.session_url("g-blocked", "acme"))
+    card = page.locator('[data-integration="acme"]')
+    await card.get_by_role("button", name="Connect").click()
+    await card.get_by_role("button", name="Connect to Team g-blocked").click()
+    await page.locator("#username").wait_for()  # the provider, in this window
+    assert page.url.startswith(env.auth.authorize_endpoint + "?")
+    await page.locator("#username").fill("ivan")
+    await page.locator("#allow").click()
+    back = page.get_by_role("link", name="Go back")
+    await back.wait_for()
+    assert env.credentials("g-blocked", "acme").status_code == 200
+    await back.click()
+    # Back on the connect page, with the same session (kept for this tab), connected.
+    await page.locator('[data-integration="acme"][data-status="connected"]').wait_for()
+    assert page.url == f"{env.serve.url}/connect"
 
 
 FORGED = '({type: "broker:oauth", integration: "acme", status: "connected"})'
@@ -469,20 +602,20 @@ async def test_the_page_ignores_results_posted_by_other_origins(
         lambda r: lists.append(r.url) if r.url.endswith("/groups/g-forged/integrations") else None,
     )
     url = env.session_url("g-forged", "acme")
-    await page.goto(f"{env.host.origin}/embed?src={quote(url, safe='')}")
+    await page.goto(env.embed_url("g-forged", "acme"))
     frame = page.frame_locator("#broker")
     card = frame.locator('[data-integration="acme"]')
     await card.and_(frame.locator('[data-status="not_connected"]')).wait_for()
     broker_frame = next(f for f in page.frames if f.url.startswith(env.serve.url))
-    await broker_frame.evaluate(
-        "window.seen = []; addEventListener('message', e => window.seen.push(e.origin))"
-    )
     # A sign-in window is open: a forged result now would be believed if it counted.
     async with page.expect_popup() as info:
         await card.get_by_role("button", name="Connect").click()
     signin = await info.value
     console.attach(signin)
-    await signin.locator("#username").wait_for()
+    await signin.locator("#username").wait_for()  # the start page's asking is over
+    await broker_frame.evaluate(
+        "window.seen = []; addEventListener('message', e => window.seen.push(e.origin))"
+    )
     waiting = await broker_frame.locator("#status").inner_text()
     assert waiting.startswith("Finish signing in to Acme")
 
@@ -556,6 +689,10 @@ async def test_small_screens_and_keyboard_only(
         pytest.fail("Tab never reached the API key field")
     await page.keyboard.type(KEY)
     await page.keyboard.press("Enter")
+    # The confirmation takes the focus: Enter again confirms the workspace it names.
+    assert await page.evaluate("document.activeElement.textContent") == "Connect to Team g-small"
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 360
+    await page.keyboard.press("Enter")
     await page.locator('[data-integration="exampleai"][data-status="connected"]').wait_for()
     assert await page.evaluate("document.documentElement.scrollWidth") <= 360
     assert env.credentials("g-small", "exampleai").json() == {"credentials": {"api_key": KEY}}
@@ -577,6 +714,7 @@ async def test_no_secret_reaches_the_page(
     card = page.locator('[data-integration="exampleai"]')
     await card.get_by_label("API key").fill(key)
     await card.get_by_role("button", name="Connect").click()
+    await card.get_by_role("button", name="Connect to Team g-secret").click()
     await page.locator('[data-integration="exampleai"][data-status="connected"]').wait_for()
     texts = [await page.content()]
     await asyncio.gather(*bodies)  # before the reload discards them

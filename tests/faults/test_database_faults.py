@@ -96,9 +96,9 @@ async def popup(live: Live, group_id: str) -> list[httpx.Response]:
     session = answers[-1].json()["token"]
     async with live.browser() as browser:
         answers.append(await live.authorize(browser, group_id=group_id, session=session))
-        if answers[-1].status_code != 302:
+        if answers[-1].status_code != 200:
             return answers
-        callback = await live.consent(browser, answers[-1].headers["location"])
+        callback = await live.consent(browser, answers[-1].json()["location"])
         answers.append(await browser.get(callback))
     return answers
 
@@ -231,7 +231,7 @@ async def test_a_callback_whose_store_fails_is_a_503_and_the_next_sign_in_works(
             faults.fail_next(r"^INSERT INTO connections", 1)
             answers = await popup(live, "g1")
             assert faults.injected == 1
-        assert [a.status_code for a in answers] == [201, 302, 503]
+        assert [a.status_code for a in answers] == [201, 200, 503]
         assert answers[-1].url.path == "/oauth/callback"
         check_error(answers[-1])
         assert await live.rows() == 0
@@ -284,7 +284,7 @@ async def test_a_failing_connect_session_lookup_is_a_503_at_every_route_that_tak
 ) -> None:
     """The session lookup runs in the auth middleware, outside the app's exception
     handlers: it too answers 503 ``service_unavailable`` (not a 500 with a traceback), for
-    the popup's authorize URL, the connect page's API calls and a bearer session alike."""
+    the ticket route, the connect page's own session and its list alike."""
     async with live_factory() as live:
         session = await live.session_token("g1")
         with injected_faults(live.broker) as faults:
@@ -292,7 +292,10 @@ async def test_a_failing_connect_session_lookup_is_a_503_at_every_route_that_tak
             async with live.browser() as browser:
                 answers = [
                     await live.authorize(browser, session=session),
-                    await browser.get(f"{live.url}/groups/g1/integrations?session={session}"),
+                    await browser.get(
+                        f"{live.url}/connect-sessions/current",
+                        headers={"Authorization": f"Bearer {session}"},
+                    ),
                     await browser.get(
                         f"{live.url}/groups/g1/integrations",
                         headers={"Authorization": f"Bearer {session}"},
@@ -304,4 +307,4 @@ async def test_a_failing_connect_session_lookup_is_a_503_at_every_route_that_tak
         assert not [r for r in caplog.records if r.exc_info]
         # The store is back: the same session works.
         async with live.browser() as browser:
-            assert (await live.authorize(browser, session=session)).status_code == 302
+            assert (await live.authorize(browser, session=session)).status_code == 200
