@@ -269,8 +269,9 @@ async def test_mallorys_own_site_cannot_hand_the_broker_her_ticket_or_session(
     assert env.stored() == 404
     assert env.auth.token_requests["authorization_code"] == 0
     # Her ticket is unspent: nothing anywhere took it.
-    r = httpx.post(f"{env.serve.url}/oauth/start", json={"ticket": ticket},
-                   headers={"Origin": env.serve.url})
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{env.serve.url}/oauth/start", json={"ticket": ticket},
+                            headers={"Origin": env.serve.url})
     assert r.status_code == 200, r.text
 
 

@@ -90,7 +90,7 @@ async def test_flow_row_holds_only_the_hash_of_its_state_and_expires_in_ten_minu
         assert state not in repr([getattr(row, c.key) for c in OAuthFlow.__table__.columns])
         assert row.ticket_hash is None  # redeemed: the ticket cannot start it again
         # Ten minutes from its start (its ticket was made just before).
-        assert FLOW_TTL == timedelta(minutes=10)
+        assert timedelta(minutes=10) == FLOW_TTL
         assert FLOW_TTL <= row.expires_at - row.created_at < FLOW_TTL + timedelta(seconds=5)
 
 

@@ -23,7 +23,7 @@ from broker.runtime import Broker
 from broker.store.models import OAuthFlow
 from broker.web.redirects import safe_return_to
 from tests import oauth_support
-from tests.oauth_support import HOST_ORIGIN, page_data, query_param
+from tests.oauth_support import HOST_ORIGIN, query_param
 from tests.security import security_support as sec
 
 live_factory = oauth_support.live_factory
