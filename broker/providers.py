@@ -241,12 +241,13 @@ def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> In
 
 
 def _oauth2_integration(spec: OAuth2Provider) -> Integration:
-    """Connected through the authorize route's popup, not by posting fields."""
+    """Connected through the sign-in popup (a ticket from its trigger route), not by
+    posting fields."""
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
         raise InvalidInput(
-            f"{spec.display_name} is connected through its sign-in popup: open "
-            f"/groups/{{group_id}}/integrations/{spec.name}/authorize",
+            f"{spec.display_name} is connected through its sign-in popup: ask for a ticket "
+            f"with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
             field="name",
         )
 
