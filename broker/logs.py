@@ -7,14 +7,15 @@ uvicorn too (``broker serve`` gives uvicorn no logging config of its own).
 No secret reaches it, at any level:
 
 - Library loggers that print URLs, headers, request bodies, SQL parameters or rows are
-  held at WARNING whatever ``log_level`` says (``QUIET``): httpx logs every request's URL at
-  INFO — with an API key applied as a query parameter (``?appid=``) in it; httpcore logs
-  each request and response at DEBUG; SQLAlchemy logs statements with their parameters
-  and the rows read (ciphertext, hashes); aiosqlite logs every statement with its
-  parameters at DEBUG; Authlib logs issued tokens (server side) at DEBUG; APScheduler
-  logs two lines per sweep at INFO (no secret: noise). Their warnings and errors still
-  show. The engine itself is created with ``hide_parameters=True``
-  (``broker.store.database``), so a database error's message carries no parameters either.
+  held at WARNING whatever ``log_level`` says (``QUIET``): httpx logs every request's URL
+  at INFO — with an API key applied as a query parameter (``?appid=``) in it; httpcore
+  logs each request and response at DEBUG; SQLAlchemy logs statements with their
+  parameters and the rows read (ciphertext, hashes); aiosqlite logs every statement with
+  its parameters at DEBUG; Authlib logs issued tokens (server side) at DEBUG. Their
+  warnings and errors still show. APScheduler is left as it is: its lines name the sweep
+  job and its times, nothing else ("Running job" at INFO is the sweep's heartbeat).
+- The engine is created with ``hide_parameters=True`` (``broker.store.database``): with
+  SQLAlchemy's logger turned up, or in a database error's message, no parameters.
 - Where the broker logs a URL itself, it logs ``redact_url(url)``: no userinfo, no query
   values.
 
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-QUIET = ("httpx", "httpcore", "sqlalchemy", "aiosqlite", "authlib", "apscheduler")
+QUIET = ("httpx", "httpcore", "sqlalchemy", "aiosqlite", "authlib")
 """Library loggers held at WARNING (or ``log_level``, if higher)."""
 
 REDACTED = "***"
