@@ -102,7 +102,13 @@ class EscapeControl(logging.Filter):
     the escaped text, ``args`` None), whatever format prints it next."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = escape_control(record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A broken log call (arguments that do not fit its format): left for the
+            # handler's emit, which reports it on stderr instead of raising in the caller.
+            return True
+        record.msg = escape_control(message)
         record.args = None
         return True
 

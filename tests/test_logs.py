@@ -76,6 +76,14 @@ def test_a_message_with_control_characters_is_one_line() -> None:
     assert render(record) == text  # a second handler sees the same message
 
 
+def test_a_log_call_whose_arguments_do_not_fit_raises_nothing_in_the_caller(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    record = logging.LogRecord("broker.web", logging.INFO, __file__, 1, "%s %s", ("one",), None)
+    assert render(record) == ""  # reported by logging on stderr, as without the filter
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
 def test_a_traceback_is_indented_and_escaped_so_no_line_of_it_starts_a_record() -> None:
     forged = "\n2026-01-01 00:00:00,000 INFO broker.access: forged\r\x1b[2K"
     try:
