@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from .config import Settings, load_settings
 from .crypto import generate_key
 from .errors import BrokerError, ConfigError
+from .logs import configure_logging
 from .runtime import Broker
 
 __all__ = ["main"]
@@ -58,10 +59,7 @@ def _settings(config_path: Path | None) -> Settings:
         settings = load_settings(config_path)
     except ConfigError as exc:
         _config_invalid(exc)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings)
     return settings
 
 
@@ -155,6 +153,7 @@ def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None
                     # uvicorn's access log prints query strings: ?session=bcs_... (a live
                     # connect session) and the callback's ?code=...&state=....
                     access_log=False,
+                    log_config=None,  # uvicorn logs through the broker's handler (logs.py)
                 )
             )
             log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)

@@ -26,6 +26,7 @@ import httpx
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .logs import redact_url
 from .store.models import Event, WebhookDelivery, events_table, webhook_deliveries_table
 
 if TYPE_CHECKING:
@@ -232,7 +233,9 @@ async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
                 delivered += 1
                 values = {"status": "delivered", "next_attempt_at": None, "last_error": None}
             elif attempts >= MAX_ATTEMPTS or secret is None:
-                log.error("webhook delivery %s to %s given up: %s", delivery_id, url, error)
+                log.error(
+                    "webhook delivery %s to %s given up: %s", delivery_id, redact_url(url), error
+                )
                 values = {"status": "failed", "next_attempt_at": None, "last_error": error}
             else:
                 retry = broker.now() + timedelta(seconds=delivery_backoff(attempts))

@@ -50,7 +50,11 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         # A pooled connection to a server can die with the server (restart, failover):
         # check before use. A SQLite file cannot, and the check would double each read.
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
+        # hide_parameters: a statement's parameters (ciphertext, hashes) are in no log line
+        # and no error message, even with SQLAlchemy's loggers turned up (broker/logs.py).
+        kwargs: dict[str, Any] = {
+            "echo": echo, "pool_pre_ping": not self.is_sqlite, "hide_parameters": True,
+        }
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)

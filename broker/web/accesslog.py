@@ -3,6 +3,10 @@
 uvicorn's access log prints the full request target, which here can hold a live connect
 session (``?session=bcs_...``) or an authorization code and state (the OAuth2 callback).
 This logs the method, the path, the status and the time taken — never the query.
+
+The path is percent-decoded (``%0a`` is a newline by then) and none of it is trusted:
+control characters are escaped here (``escape_control``), so each request is one line
+even under a logging config other than the broker's own.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import logging
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..logs import escape_control
 
 __all__ = ["AccessLog"]
 
@@ -40,9 +46,9 @@ class AccessLog:
             client = scope.get("client")
             log.info(
                 '%s "%s %s" %d %.1fms',
-                client[0] if client else "-",
-                scope.get("method", "-"),
-                scope.get("path", "-"),
+                escape_control(str(client[0])) if client else "-",
+                escape_control(scope.get("method", "-")),
+                escape_control(scope.get("path", "-")),
                 status,
                 (time.perf_counter() - started) * 1000,
             )

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import threading
+from base64 import b64encode
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -24,15 +25,25 @@ from typing import Any
 import httpx
 import pytest
 from conftest import SERVICE_TOKEN
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import IntegrityError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from broker import cli
+from broker.config import Settings
+from broker.events import MAX_ATTEMPTS, deliver_due
 from broker.oauth.flows import _FLOW_SCOPE, hash_secret
+from broker.runtime import Broker
 from broker.scheduler import sweep
-from broker.store.models import Connection, OAuthFlow
-from tests import oauth_support
+from broker.store.models import Connection, ConnectSession, OAuthFlow, WebhookDelivery
+from broker.web import create_app
+from tests import logging_support, oauth_support
 from tests.oauth_support import Live, page_data, query_param
 from tests.security import security_support as sec
+from tests.support import serve
 
 live_factory = oauth_support.live_factory
 
@@ -234,3 +245,190 @@ async def test_token_endpoint_error_bodies_reach_no_answer_and_no_log(
     assert "Acme did not issue a token" in answers  # the answers were seen
     assert MARKER not in answers, "a token endpoint body reached an answer"
     assert MARKER not in broker_logs(caplog, live.url), "a token endpoint body reached a log"
+
+
+# Issue 11, item 2: logging as `broker serve` configures it (broker/logs.py), at info and
+# at debug. Here only the libraries the broker quiets are quiet; the tests above raise
+# every logger to DEBUG instead.
+
+served_logging = logging_support.served_logging
+WEATHER_KEY = "c0ffee00c0ffee00c0ffee00c0ffee00"
+HOOK_TOKEN = "hook-query-token-5b8e1d"
+HOOK_PASSWORD = "hook-userinfo-password-9c2f"
+KEY_C = "d00dd00dd00dd00dd00dd00dd00dd00d"
+
+
+class Upstream:
+    """A provider API and a webhook receiver on 127.0.0.1: the weather lookup accepts any
+    key (and notes the query it got), the webhook receiver fails."""
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+        self.app = Starlette(routes=[
+            Route("/data/2.5/weather", self.weather),
+            Route("/hook", self.hook, methods=["POST"]),
+        ])
+
+    async def weather(self, request: Request) -> Response:
+        self.queries.append(request.url.query)
+        return JSONResponse({"weather": []})
+
+    async def hook(self, request: Request) -> Response:
+        return Response(status_code=500)
+
+
+def openweathermap(upstream_url: str) -> dict[str, Any]:
+    """The shipped openweathermap provider (the key goes in ``?appid=``), its verify request
+    sent to ``upstream_url``."""
+    return {"verify": {
+        "method": "GET", "url": f"{upstream_url}/data/2.5/weather?lat=51.51&lon=-0.13",
+        "ok_status": [200],
+    }}
+
+
+def brokers_lines_only(handler: logging.Handler, live: Live) -> None:
+    """Drop what the test's own parties log: the authorization server's thread, and the
+    test's clients (marked, or httpx naming a URL only they open: see ``broker_logs``)."""
+    theirs = (f" {live.url}/", f" {live.server.authorize_endpoint}?")
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.threadName.startswith("authserver:") or _USER_AGENT.get():
+            return False
+        return not (record.name == "httpx" and any(t in record.getMessage() for t in theirs))
+
+    handler.addFilter(keep)
+
+
+async def secrets_at_rest(live: Live) -> list[str]:
+    """Every ciphertext and hash the database holds now."""
+    async with live.broker.session() as db:
+        stored = list(await db.scalars(select(Connection.credential)))
+        stored += await db.scalars(select(ConnectSession.token_hash))
+        for flow in await db.scalars(select(OAuthFlow)):
+            stored += [flow.state_hash, flow.sealed]
+    return stored
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_served_logs_hold_no_key_token_ciphertext_or_hash(
+    level: str, live_factory: LiveFactory,
+    served_logging: Callable[[Settings, str], logging.Handler],
+) -> None:
+    upstream = Upstream()
+    async with serve(upstream.app) as upstream_url, live_factory(
+        extra_providers={"openweathermap": openweathermap(upstream_url)}
+    ) as live:
+        handler = served_logging(live.broker.settings, level)
+        brokers_lines_only(handler, live)
+        logging.getLogger("broker.test").debug("the capture sees DEBUG records")
+        browser, service = clients(live, Seen())
+        async with browser, service:
+            # The API key: checked by a GET with ?appid=<key> at the provider.
+            r = await service.post(
+                "/groups/g1/integrations/custom/openweathermap", json={"api_key": WEATHER_KEY}
+            )
+            assert r.status_code == 200, r.text
+            assert upstream.queries == [f"lat=51.51&lon=-0.13&appid={WEATHER_KEY}"]
+            secrets = [WEATHER_KEY, SERVICE_TOKEN, live.client_secret]
+            secrets.append(b64encode(f"{live.client_id}:{live.client_secret}".encode()).decode())
+
+            # The OAuth2 flow: the code exchange (Basic client authentication).
+            session = await live.session_token()
+            location = await live.start(browser, session=session)
+            secrets += [session, query_param(location, "state"), await verifier_of(live, location)]
+            secrets += await secrets_at_rest(live)
+            callback = await live.consent(browser, location)
+            secrets.append(query_param(callback, "code"))
+            page = await browser.get(callback)
+            assert page_data(page)["message"]["status"] == "connected", page.text
+            secrets += await stored_tokens(live) + await secrets_at_rest(live)
+
+            # Refreshes: on demand, then by the sweep.
+            r = await service.get("/groups/g1/integrations/acme/credentials?force_refresh=1")
+            assert r.status_code == 200, r.text
+            secrets += await stored_tokens(live) + await secrets_at_rest(live)
+            async with live.broker.session() as db, db.begin():
+                await db.execute(
+                    update(Connection)
+                    .where(Connection.integration == "acme")
+                    .values(next_refresh_at=live.broker.now() - timedelta(seconds=1))
+                )
+            assert (await sweep(live.broker)).refreshed == 1
+            secrets += await stored_tokens(live) + await secrets_at_rest(live)
+            assert live.server.token_requests["refresh_token"] == 2
+
+    logs = logging_support.output(handler)
+    assert "broker.access" in logs and "connected acme for group g1" in logs
+    assert ("the capture sees DEBUG records" in logs) == (level == "debug")
+    secrets = list(dict.fromkeys(secrets))
+    assert len(secrets) >= 20
+    assert all(len(secret) >= 16 for secret in secrets)
+    leaked = [secret for secret in secrets if secret in logs]
+    assert not leaked, f"secrets in the {level} log: {leaked}"
+
+
+async def test_a_webhook_url_is_logged_without_its_query_values_or_userinfo(
+    store_url: str, make_settings: Callable[..., Settings],
+    served_logging: Callable[[Settings, str], logging.Handler],
+) -> None:
+    upstream = Upstream()
+    async with serve(upstream.app) as upstream_url:
+        host = upstream_url.removeprefix("http://")
+        hook = f"http://hooks:{HOOK_PASSWORD}@{host}/hook?token={HOOK_TOKEN}&v=1"
+        settings = make_settings(
+            database_url=store_url,
+            webhooks=[{"url": hook, "secret": "whsec-0123456789abcdef"}],
+        )
+        broker = await Broker.open(settings)
+        try:
+            handler = served_logging(settings, "debug")
+            app = create_app(broker)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://broker.test",
+                headers={"Authorization": f"Bearer {SERVICE_TOKEN}"},
+            ) as client:
+                r = await client.post(
+                    "/groups/g1/integrations/custom/openweathermap", json={"api_key": KEY_C}
+                )
+                assert r.status_code == 200, r.text
+            async with broker.session() as db, db.begin():  # its last attempt is due
+                await db.execute(update(WebhookDelivery).values(attempts=MAX_ATTEMPTS - 1))
+            assert await deliver_due(broker) == 0
+        finally:
+            await broker.close()
+    logs = logging_support.output(handler)
+    given_up = [line for line in logs.splitlines() if "given up" in line]
+    assert len(given_up) == 1, logs
+    assert given_up[0].endswith(f"to http://***@{host}/hook?token=***&v=*** given up: HTTP 500")
+    for secret in (HOOK_TOKEN, HOOK_PASSWORD, KEY_C):
+        assert secret not in logs
+
+
+async def test_sql_at_debug_prints_no_parameters_even_with_sqlalchemy_turned_up(
+    broker: Broker, served_logging: Callable[[Settings, str], logging.Handler],
+) -> None:
+    marker = "sql-parameter-marker-4d1c9e"
+    insert = text(
+        "INSERT INTO connect_sessions (token_hash, group_id, created_at, expires_at) "
+        "VALUES (:h, 'g1', :t, :t)"
+    )
+    handler = served_logging(broker.settings, "debug")
+    async with broker.session() as db, db.begin():
+        await db.execute(insert, {"h": marker, "t": broker.now()})
+    assert "INSERT INTO connect_sessions" not in logging_support.output(handler)
+
+    # An operator turns SQLAlchemy's statement log on: statements, never their parameters.
+    # (At DEBUG it would print the rows read too: ciphertext. The broker never does.)
+    logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
+    async with broker.session() as db:
+        assert await db.scalar(
+            select(ConnectSession.group_id).where(ConnectSession.token_hash == marker)
+        ) == "g1"
+    # A database error's message does not carry them either (the same row again).
+    with pytest.raises(IntegrityError) as caught:
+        async with broker.session() as db, db.begin():
+            await db.execute(insert, {"h": marker, "t": broker.now()})
+    logging.getLogger("broker.test").error("the store failed: %s", caught.value)
+    logs = logging_support.output(handler)
+    assert "FROM connect_sessions" in logs and "the store failed" in logs
+    assert marker not in logs and marker not in str(caught.value)
