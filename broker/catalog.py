@@ -298,6 +298,12 @@ class OAuth2ClientCredentialsProvider(ProviderBase, _TokenEndpoint):
     audience: bool = False
     """Whether users may give an ``audience`` (Auth0-style APIs)."""
 
+    def header_fields(self) -> frozenset[str]:
+        """The fields sent in a header: the client id and secret, with HTTP Basic."""
+        if self.token_endpoint_auth_method == "client_secret_basic":
+            return frozenset({"client_id", "client_secret"})
+        return frozenset()
+
     @model_validator(mode="after")
     def _check(self) -> OAuth2ClientCredentialsProvider:
         # No field may go in the token URL: the client id and secret are sent there.

@@ -49,7 +49,7 @@ def check_fields(
     ``errors``. Messages never repeat the submitted value. A value applied to a header
     must be printable ASCII (anything else could not be sent, or would split the header).
     """
-    headers = spec.header_fields() if isinstance(spec, ApiKeyProvider) else frozenset()
+    headers = spec.header_fields()
     problems: list[dict[str, str]] = []
     for name in body:
         if name not in spec.fields:
