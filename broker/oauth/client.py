@@ -99,14 +99,14 @@ def _tls_context() -> ssl.SSLContext:
 def _url(spec: Spec, template: str, settings: Mapping[str, str]) -> str:
     """A token URL rendered over the connection's settings and checked against the
     provider's ``allowed_hosts`` (see ``urltemplates``). A URL the configuration now
-    refuses (the operator changed ``allowed_hosts``) is a TokenEndpointError the operator
-    has to fix: nothing is sent."""
+    refuses (the operator changed ``allowed_hosts`` since the connection was made) is a
+    TokenEndpointError for the operator to fix, and nothing is sent."""
     try:
         return spec.render_url(template, settings)
     except InvalidInput:
         raise TokenEndpointError(
-            f"{spec.display_name}: a setting of this connection gives a token URL that "
-            "the provider's allowed_hosts do not allow",
+            f"{spec.display_name}: a setting of this connection gives a token URL the "
+            "provider's configuration refuses (see its allowed_hosts)",
             error=None, status=None, retry_after=None, outcome=Outcome.operator,
         ) from None
 
