@@ -11,14 +11,15 @@ replaced), then validated. A provider with no catalog file is defined inline in 
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from .errors import InvalidInput
+from .urltemplates import check_allowed_hosts, check_template, render_url, template_names
 
 __all__ = [
     "ApiKeyProvider",
@@ -30,6 +31,9 @@ __all__ = [
     "find_provider_file",
     "merge",
     "parse_provider",
+    "render",
+    "render_url",
+    "template_names",
 ]
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -85,6 +89,17 @@ class Verify(_Model):
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
 
+# RFC 9110 token: what a header name may be made of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_safe(value: str) -> bool:
+    """Whether ``value`` can be sent as (part of) an HTTP header value: printable ASCII
+    and spaces only. Anything else is refused before a request is made: httpx cannot
+    encode other characters (a 500), and CR/LF would split the header."""
+    return all(" " <= c <= "~" for c in value)
+
+
 class Popup(_Model):
     width: int = Field(default=660, ge=200, le=4000)
     height: int = Field(default=660, ge=200, le=4000)
@@ -96,6 +111,21 @@ class ProviderBase(_Model):
     image: str | None = None
     docs_url: str | None = None
     popup: Popup = Popup()
+    allowed_hosts: list[str] = []
+    """Hosts the provider's URLs may reach once rendered (``api.example.com``, or
+    ``*.example.com`` for any host under it). Needed only when a template lets a value
+    form the host or put a dot in a host label; checked at every render when given."""
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return check_allowed_hosts(value)
+
+    def render_url(self, template: str, values: Mapping[str, str]) -> str:
+        """``template`` rendered over ``values`` and checked against ``allowed_hosts``
+        (see ``urltemplates.render_url``: raises InvalidInput naming a value that cannot
+        be used)."""
+        return render_url(template, values, allowed_hosts=self.allowed_hosts)
 
 
 class ApiKeyProvider(ProviderBase):
@@ -120,15 +150,44 @@ class ApiKeyProvider(ProviderBase):
         templates: list[str] = []
         if self.apply is not None:
             templates += [*self.apply.headers.values(), *self.apply.query.values()]
-        if self.verify is not None:
-            templates.append(self.verify.url)
+            for header, template in self.apply.headers.items():
+                if not _HEADER_NAME.fullmatch(header) or not header_safe(template):
+                    raise ValueError(
+                        f"apply.headers: {header!r} is not a header name, or its template "
+                        "is not printable ASCII"
+                    )
         for template in templates:
             missing = template_names(template) - known
             if missing:
                 raise ValueError(
                     f"template {template!r} names {sorted(missing)} which are not fields"
                 )
+        if self.verify is not None:
+            check_template(self.verify.url, self.fields, self.allowed_hosts)
         return self
+
+    def header_fields(self) -> frozenset[str]:
+        """The fields whose values are applied to a request header."""
+        if self.apply is None:
+            return frozenset()
+        names: set[str] = set()
+        for template in self.apply.headers.values():
+            names |= template_names(template)
+        return frozenset(names)
+
+    def verify_url(self, data: Mapping[str, str]) -> str:
+        """The verify request's URL for the credential ``data`` (fields' defaults fill
+        missing values). Raises InvalidInput naming a value that cannot be used there."""
+        assert self.verify is not None
+        defaults = {n: f.default for n, f in self.fields.items() if f.default is not None}
+        try:
+            return self.render_url(self.verify.url, {**defaults, **data})
+        except InvalidInput as exc:
+            field = self.fields.get(exc.field or "")
+            title = field.title if field is not None else "A value"
+            raise InvalidInput(
+                f"{title} cannot be used to reach {self.display_name}.", field=exc.field
+            ) from None
 
     def credential_hint(self, data: Mapping[str, str]) -> dict[str, str]:
         """What may be shown of a stored credential: non-secret fields, and secrets'
@@ -147,9 +206,17 @@ class ApiKeyProvider(ProviderBase):
         return hint
 
     def apply_to(self, data: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-        """Headers and query parameters that carry the credential ``data``."""
+        """Headers and query parameters that carry the credential ``data``. Raises
+        InvalidInput naming a field whose value cannot go in a header (``check_fields``
+        refuses those at connect; this holds for values stored before that check)."""
         if self.apply is None:
             return {}, {}
+        for name in sorted(self.header_fields()):
+            if not header_safe(str(data.get(name, ""))):
+                raise InvalidInput(
+                    f"{self.fields[name].title} contains characters that cannot be sent.",
+                    field=name,
+                )
         headers = {k: render(v, data) for k, v in self.apply.headers.items()}
         query = {k: render(v, data) for k, v in self.apply.query.items()}
         return headers, query
@@ -210,29 +277,10 @@ class OAuth2Provider(ProviderBase, _TokenEndpoint):
                 "client_id: required for an oauth2 provider; set it in config.yaml "
                 "(e.g. client_id: ${MY_CLIENT_ID})"
             )
-        known = set(self.settings)
         for url in self.urls():
-            names = template_names(url)
-            missing = names - known
-            if missing:
-                raise ValueError(
-                    f"URL {url!r} names {sorted(missing)}, which are not declared under settings"
-                )
-            unchecked = [n for n in names if self.settings[n].pattern is None]
-            if unchecked:
-                # A user-supplied value in a URL could point the token request (and the
-                # client secret) at another host: it must be held to a pattern.
-                raise ValueError(
-                    f"URL {url!r} uses settings {sorted(unchecked)} that have no pattern; "
-                    "give each a pattern (e.g. ^[a-z0-9-]{1,63}$ for a subdomain)"
-                )
-            optional = [
-                n for n in names if not (self.settings[n].required or self.settings[n].default)
-            ]
-            if optional:
-                raise ValueError(
-                    f"URL {url!r} uses optional settings {sorted(optional)} without a default"
-                )
+            # A setting in a URL could point the token request (and the client secret)
+            # at another host: see urltemplates for what is refused.
+            check_template(url, self.settings, self.allowed_hosts)
         return self
 
     def urls(self) -> list[str]:
@@ -249,6 +297,18 @@ class OAuth2ClientCredentialsProvider(ProviderBase, _TokenEndpoint):
     auth_type: Literal["oauth2_cc"]
     audience: bool = False
     """Whether users may give an ``audience`` (Auth0-style APIs)."""
+
+    def header_fields(self) -> frozenset[str]:
+        """The fields sent in a header: the client id and secret, with HTTP Basic."""
+        if self.token_endpoint_auth_method == "client_secret_basic":
+            return frozenset({"client_id", "client_secret"})
+        return frozenset()
+
+    @model_validator(mode="after")
+    def _check(self) -> OAuth2ClientCredentialsProvider:
+        # No field may go in the token URL: the client id and secret are sent there.
+        check_template(self.token_url, {}, self.allowed_hosts)
+        return self
 
     @property
     def fields(self) -> dict[str, FieldSpec]:
@@ -270,19 +330,10 @@ PROVIDER_TYPES: dict[str, type[ProviderBase]] = {
 }
 
 
-def template_names(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
-
-
 def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill ``{name}`` placeholders; a missing name raises KeyError naming it."""
+    """Fill ``{name}`` placeholders in a header or query template (never a URL: URLs go
+    through ``render_url``); a missing name raises KeyError naming it."""
     return template.format_map(dict(values))
-
-
-def render_url(template: str, values: Mapping[str, str]) -> str:
-    """Fill ``{name}`` placeholders in a URL with percent-encoded values, so a value can
-    never add a path, a port, credentials or a host of its own."""
-    return template.format_map({k: quote(str(v), safe="") for k, v in values.items()})
 
 
 def builtin_catalog_dir() -> Path:

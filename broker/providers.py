@@ -20,7 +20,7 @@ from .catalog import (
     OAuth2Provider,
     ProviderBase,
     ProviderSpec,
-    render,
+    header_safe,
 )
 from .credentials import expiry
 from .errors import CredentialRejected, InvalidInput, ProviderUnreachable, TokenEndpointError
@@ -46,8 +46,10 @@ def check_fields(
     """The credential in ``body`` if it fits the spec's fields; else InvalidInput.
 
     The error names the first field at fault in ``field`` and lists every problem in
-    ``errors``. Messages never repeat the submitted value.
+    ``errors``. Messages never repeat the submitted value. A value applied to a header
+    must be printable ASCII (anything else could not be sent, or would split the header).
     """
+    headers = spec.header_fields()
     problems: list[dict[str, str]] = []
     for name in body:
         if name not in spec.fields:
@@ -67,6 +69,13 @@ def check_fields(
             problems.append(
                 {"field": name, "message": f"{field.title} is longer than {field.max_length}"}
             )
+        elif name in headers and not header_safe(value):
+            problems.append(
+                {
+                    "field": name,
+                    "message": f"{field.title} can only contain printable ASCII characters",
+                }
+            )
         elif not field.matches(value):
             expected = f" (like {field.example})" if field.example else ""
             problems.append(
@@ -82,21 +91,27 @@ def check_fields(
 async def verify_credential(
     spec: ApiKeyProvider, data: Mapping[str, str], *, client: httpx.AsyncClient | None = None
 ) -> None:
-    """Send the spec's verify request with the credential applied.
+    """Send the spec's verify request with the credential applied; only its status counts.
 
-    Raises CredentialRejected on 401/403, ProviderUnreachable on anything else that is
-    not an expected status. Neither message carries the request, its URL or its response.
+    Raises InvalidInput naming a value that cannot be used in the verify URL (nothing is
+    sent then), CredentialRejected on 401/403, ProviderUnreachable on anything else that
+    is not an expected status, a redirect included (never followed). Neither message
+    carries the request, its URL or its response. The response body is never read: the
+    connection is closed once the status line and headers are in.
     """
     if spec.verify is None:
         return
     headers, params = spec.apply_to(data)
     # Add the credential's query parameters to the verify URL's own (httpx's params=
     # would replace them).
-    url = httpx.URL(render(spec.verify.url, data)).copy_merge_params(params)
+    url = httpx.URL(spec.verify_url(data)).copy_merge_params(params)
     owned = client is None
     http = client or httpx.AsyncClient(timeout=spec.verify.timeout_seconds)
     try:
-        response = await http.request(spec.verify.method, url, headers=headers)
+        async with http.stream(
+            spec.verify.method, url, headers=headers, follow_redirects=False
+        ) as response:
+            status = response.status_code
     except httpx.HTTPError as exc:
         raise ProviderUnreachable(
             f"Could not reach {spec.display_name} to check the credential "
@@ -105,17 +120,17 @@ async def verify_credential(
     finally:
         if owned:
             await http.aclose()
-    if response.status_code in spec.verify.ok_status:
+    if status in spec.verify.ok_status:
         return
     secret_fields = [n for n, f in spec.fields.items() if f.secret] or list(spec.fields)
-    if response.status_code in (401, 403):
+    if status in (401, 403):
         raise CredentialRejected(
             f"{spec.display_name} did not accept this credential "
-            f"(HTTP {response.status_code}). Check it and try again.",
+            f"(HTTP {status}). Check it and try again.",
             field=secret_fields[0],
         )
     raise ProviderUnreachable(
-        f"{spec.display_name} answered HTTP {response.status_code} while the credential was "
+        f"{spec.display_name} answered HTTP {status} while the credential was "
         "being checked. Try again later."
     )
 

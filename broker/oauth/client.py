@@ -25,9 +25,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider, render_url
-from ..errors import TokenEndpointError
-from .decisions import classify, safe_error_code
+from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
+from ..errors import InvalidInput, TokenEndpointError
+from .decisions import Outcome, classify, safe_error_code
 from .tokens import lifetime_seconds
 
 __all__ = ["client_credentials", "exchange_code", "refresh", "token_transport"]
@@ -94,6 +94,21 @@ def _tls_context() -> ssl.SSLContext:
     """One TLS context for every token request: building one loads the CA bundle, tens
     of milliseconds of CPU on the event loop (a sweep of 50 refreshes spent seconds on it)."""
     return httpx.create_ssl_context()
+
+
+def _url(spec: Spec, template: str, settings: Mapping[str, str]) -> str:
+    """A token URL rendered over the connection's settings and checked against the
+    provider's ``allowed_hosts`` (see ``urltemplates``). A URL the configuration now
+    refuses (the operator changed ``allowed_hosts`` since the connection was made) is a
+    TokenEndpointError for the operator to fix, and nothing is sent."""
+    try:
+        return spec.render_url(template, settings)
+    except InvalidInput:
+        raise TokenEndpointError(
+            f"{spec.display_name}: a setting of this connection gives a token URL the "
+            "provider's configuration refuses (see its allowed_hosts)",
+            error=None, status=None, retry_after=None, outcome=Outcome.operator,
+        ) from None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -232,10 +247,11 @@ async def exchange_code(
     params: dict[str, Any] = dict(spec.token_params)
     if code_verifier is not None:
         params["code_verifier"] = code_verifier
+    url = _url(spec, spec.token_url, settings)
 
     async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
         token: Mapping[str, Any] = await client.fetch_token(
-            render_url(spec.token_url, settings),
+            url,
             grant_type="authorization_code",
             code=code,
             redirect_uri=redirect_uri,
@@ -262,7 +278,7 @@ async def refresh(
 ) -> dict[str, Any]:
     """The token response for a refresh token."""
     assert spec.client_id is not None
-    url = render_url(spec.refresh_url or spec.token_url, settings)
+    url = _url(spec, spec.refresh_url or spec.token_url, settings)
 
     async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
         token: Mapping[str, Any] = await client.refresh_token(
@@ -295,10 +311,11 @@ async def client_credentials(
         params["scope"] = scope
     if audience:
         params["audience"] = audience
+    url = _url(spec, spec.token_url, {})
 
     async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
         token: Mapping[str, Any] = await client.fetch_token(
-            spec.token_url, grant_type="client_credentials", **params
+            url, grant_type="client_credentials", **params
         )
         return token
 

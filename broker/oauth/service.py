@@ -24,7 +24,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..catalog import OAuth2Provider, render_url
+from ..catalog import OAuth2Provider
 from ..errors import BrokerError, CredentialCorrupt, InvalidInput, TokenEndpointError
 from ..sessions import find_session_by_hash
 from . import client
@@ -112,7 +112,7 @@ def authorization_url(
         params["code_challenge"] = create_s256_code_challenge(verifier)
         params["code_challenge_method"] = "S256"
     uri: str = prepare_grant_uri(
-        render_url(spec.authorization_url, settings),
+        spec.render_url(spec.authorization_url, settings),
         client_id=spec.client_id.get_secret_value(),
         response_type="code",
         redirect_uri=redirect_uri,
@@ -135,6 +135,8 @@ async def issue_ticket(
     """Record a flow awaiting its start; return its single-use ticket. Raises InvalidInput
     when a setting does not fit."""
     values = check_settings(spec, settings)
+    for url in spec.urls():
+        spec.render_url(url, values)  # a value the URL's host may not take: InvalidInput
     verifier = new_verifier() if spec.pkce else None
     async with broker.session() as db, db.begin():
         ticket, expires_at = await create_ticket(
@@ -194,13 +196,16 @@ async def start(broker: Broker, ticket: str, *, browser_nonce: str) -> tuple[str
     spec = integration.provider if integration is not None else None
     if not isinstance(spec, OAuth2Provider):
         raise FlowFailed("This integration is no longer enabled.", integration=name)
-    url = authorization_url(
-        spec,
-        state=flow.state,
-        verifier=flow.verifier,
-        redirect_uri=broker.settings.redirect_uri,
-        settings=flow.settings,
-    )
+    try:
+        url = authorization_url(
+            spec,
+            state=flow.state,
+            verifier=flow.verifier,
+            redirect_uri=broker.settings.redirect_uri,
+            settings=flow.settings,
+        )
+    except InvalidInput as exc:  # the provider's allowed hosts changed since the ticket
+        raise FlowFailed(exc.message, integration=name) from None
     return url, flow.state
 
 
