@@ -10,6 +10,7 @@ stored unless the whole flow succeeded.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from ..catalog import OAuth2Provider, render_url
 from ..errors import BrokerError, InvalidInput, TokenEndpointError
 from . import client
 from .flows import consume_flow, hash_secret, new_verifier, start_flow
+from .issuer import check_issuer
 from .tokens import stored_token
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["FlowFailed", "FlowResult", "begin", "check_settings", "finish", "flow_cookie"]
 
 MAX_PARAM = 4096
+log = logging.getLogger("broker.oauth")
 
 
 class FlowFailed(BrokerError):
@@ -182,14 +185,13 @@ async def finish(
             raise FlowFailed(f"Access to {label} was declined.", integration=name)
         raise FlowFailed(f"{label} could not complete the sign-in.", integration=name)
     iss = _single(params, "iss", name)
-    if flow.issuer is not None and iss is not None and iss != flow.issuer:
+    others = [i.provider for i in broker.registry if isinstance(i.provider, OAuth2Provider)]
+    refusal = check_issuer(iss, spec, others, settings=flow.settings)
+    if refusal is not None:
+        log.warning("refused an OAuth2 callback for %s: %s", name, refusal.reason)
+        said = "say it came" if refusal.missing else "come"
         raise FlowFailed(
-            f"The sign-in response did not come from {label}. Start again.", integration=name
-        )
-    if flow.issuer is not None and iss is None and spec.issuer_in_response:
-        raise FlowFailed(
-            f"The sign-in response did not say it came from {label}. Start again.",
-            integration=name,
+            f"The sign-in response did not {said} from {label}. Start again.", integration=name
         )
     code = _single(params, "code", name)
     if not code:
