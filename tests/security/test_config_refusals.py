@@ -25,6 +25,7 @@ from broker.runtime import Broker
 from broker.web import create_app
 
 SESSION_LIKE_TOKEN = "bcs_" + "s3cr3t-service-token-0123456789"
+HOOK = "https://app.example.com/hooks/broker?key=k-0123"
 
 
 def problems(path: Path) -> list[str]:
@@ -80,9 +81,9 @@ def test_two_webhooks_with_the_same_url_are_refused_naming_both_entries_not_the_
     path = write(
         tmp_path / "config.yaml",
         "webhooks:\n"
-        "  - {url: 'https://app.example.com/hooks/broker?key=k-0123', secret: first-secret-0123456789}\n"
+        f"  - {{url: '{HOOK}', secret: first-secret-0123456789}}\n"
         "  - {url: 'https://other.example.com/hooks', secret: other-secret-0123456789}\n"
-        "  - {url: 'https://app.example.com/hooks/broker?key=k-0123', secret: second-secret-0123456789}\n",
+        f"  - {{url: '{HOOK}', secret: second-secret-0123456789}}\n",
     )
     found = problems(path)
     text = "\n".join(found)
