@@ -30,6 +30,7 @@ from broker import cli
 from broker.oauth.flows import _FLOW_SCOPE, hash_secret
 from broker.scheduler import sweep
 from broker.store.models import Connection, OAuthFlow
+from broker.web import server
 from tests import oauth_support
 from tests.oauth_support import Live, page_data, query_param
 from tests.security import security_support as sec
@@ -76,7 +77,8 @@ def everything_at_debug(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.Mo
     for name in list(logging.root.manager.loggerDict):
         caplog.set_level(logging.DEBUG, logger=name)
     # What `broker serve` does (uvicorn.Config(access_log=False)): no uvicorn access log.
-    assert "access_log=False" in inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
+    assert "build_server(" in inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
+    assert "access_log=False" in inspect.getsource(server.build_server)
     monkeypatch.setattr(logging.getLogger("uvicorn.access"), "propagate", False)
     monkeypatch.setattr(logging.getLogger("uvicorn.access"), "handlers", [])
     caplog.handler.addFilter(_mark)
