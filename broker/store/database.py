@@ -55,9 +55,14 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
-            create_private_sqlite_file(url)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
+            # Before each connection SQLite would open (and maybe create) the file: so it is
+            # created 0600 at the first connection, and a start refused before that (a
+            # malformed key) leaves no file behind.
+            event.listen(
+                self.engine.sync_engine, "do_connect", lambda *_: create_private_sqlite_file(url)
+            )
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         # Copied into every session: how the integration API finds its broker from ``db``.
         self.info: dict[str, Any] = dict(info or {})
@@ -126,26 +131,26 @@ class Database:
             return {key: count for key, count in rows.all()}
 
 
-def create_private_sqlite_file(url: str) -> bool:
+def create_private_sqlite_file(url: str) -> None:
     """Create the SQLite database file of ``url`` empty with mode 0600, unless it exists.
 
     SQLite creates a missing database file 0644 (less the umask), and its ``-wal``,
     ``-shm`` and ``-journal`` files with the database file's mode. Created here first, the
     database and every file SQLite adds beside it are readable by the broker's user only,
     like the key file; that covers the first start, where the migrations (Alembic, on the
-    broker's own engine) create the tables. A file that exists keeps its mode. Returns
-    whether it created the file. Nothing happens for an in-memory database or a
-    ``file:`` URI; a directory that does not exist is left for SQLite to report.
+    broker's own engine) create the tables. A file that exists keeps its mode. Nothing
+    happens for an in-memory database or a ``file:`` URI; a directory that does not exist
+    is left for SQLite to report. Returns None: it runs as the engine's ``do_connect``
+    listener, where a value returned would be taken for the connection.
     """
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
-        return False
+        return
     try:
         fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:  # it exists, or SQLite will say why it cannot be opened
-        return False
+        return
     os.close(fd)
-    return True
 
 
 class BrokerSession(Session):
