@@ -106,7 +106,8 @@ class DeadlineH11Protocol(H11Protocol):
         elif state is not h11.IDLE:
             # DONE, MUST_CLOSE, CLOSED, ERROR: the client owes nothing more.
             self._disarm()
-        elif self._phase == "body":  # pragma: no cover - IDLE follows DONE, never SEND_BODY
+        elif self._phase == "body":
+            # The body of a request answered before it was read has ended: next request.
             self._disarm()
 
     def _arm(self, phase: Phase) -> None:
