@@ -128,9 +128,8 @@ def main() -> None:
 )
 def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None:
     """Apply pending migrations and serve the HTTP API (and the refresh sweep)."""
-    import uvicorn
-
     from .web import create_app
+    from .web.server import build_server
 
     settings = _settings(config_path)
     if not settings.auth.service_tokens and settings.sqlite_path() is None:
@@ -146,15 +145,8 @@ def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None
             app = create_app(
                 broker, service_tokens=service_tokens(settings), refresher=refresh
             )
-            server = uvicorn.Server(
-                uvicorn.Config(
-                    app, host=host, port=port, log_level=settings.log_level,
-                    proxy_headers=False, server_header=False,
-                    # uvicorn's access log prints query strings: ?session=bcs_... (a live
-                    # connect session) and the callback's ?code=...&state=....
-                    access_log=False,
-                    log_config=None,  # uvicorn logs through the broker's handler (logs.py)
-                )
+            server = build_server(
+                app, settings.server, host=host, port=port, log_level=settings.log_level
             )
             log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)
             quiet_gc()

@@ -43,6 +43,7 @@ from .catalog import (
     parse_provider,
 )
 from .errors import ConfigError
+from .sessions import SESSION_PREFIX
 
 __all__ = ["DEFAULT_CONFIG_PATH", "Settings", "load_settings"]
 
@@ -54,14 +55,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _long_enough(token: SecretStr) -> SecretStr:
-    if len(token.get_secret_value()) < 16:
+def _service_token(token: SecretStr) -> SecretStr:
+    value = token.get_secret_value()
+    if len(value) < 16:
         raise ValueError("a service token must be at least 16 characters")
+    if value.startswith(SESSION_PREFIX):
+        # The gate reads every bearer token with this prefix as a connect session, so a
+        # service token that starts with it would never be accepted.
+        raise ValueError(
+            f"a service token must not start with {SESSION_PREFIX!r}, the prefix of "
+            "connect-session tokens (it would never be accepted as a service token)"
+        )
     return token
 
 
 class AuthSettings(_Model):
-    service_tokens: list[Annotated[SecretStr, AfterValidator(_long_enough)]] = []
+    service_tokens: list[Annotated[SecretStr, AfterValidator(_service_token)]] = []
     """Bearer tokens for the host platform's backend and for remote nodes."""
     allowed_origins: list[str] = []
     """Origins of host frontends that may embed the connect page and receive its events."""
@@ -98,6 +107,21 @@ class RefreshSettings(_Model):
     max_concurrency: int = Field(default=10, ge=1, le=1000)
 
 
+class ServerSettings(_Model):
+    """How ``broker serve`` treats client connections (see ``broker.web.server``)."""
+
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """A request's head (request line and headers) must arrive within this time of the
+    connection opening, or of its first byte on a kept-alive connection."""
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """A request's body must arrive in full within this time of its head."""
+    keep_alive_seconds: int = Field(default=5, ge=1, le=600)
+    """An idle kept-alive connection is closed after this long."""
+    max_connections: int = Field(default=2048, ge=1, le=1_000_000)
+    """Connections served at once; a request on one more gets 503 and the connection is
+    closed. Keep the process's open-file limit (``ulimit -n``) above it."""
+
+
 class RawSettings(_Model):
     """config.yaml as written (providers not yet resolved against the catalog)."""
 
@@ -107,6 +131,7 @@ class RawSettings(_Model):
     public_url: str = "http://127.0.0.1:8000"
     auth: AuthSettings = AuthSettings()
     refresh: RefreshSettings = RefreshSettings()
+    server: ServerSettings = ServerSettings()
     webhooks: list[WebhookSettings] = []
     providers: dict[str, dict[str, Any] | None] = {}
     catalog_paths: list[Path] = []
@@ -133,6 +158,21 @@ class RawSettings(_Model):
         if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value):
             raise ValueError("expected an absolute http(s) URL without query or fragment")
         return value.rstrip("/")
+
+    @field_validator("webhooks")
+    @classmethod
+    def _one_secret_per_url(cls, value: list[WebhookSettings]) -> list[WebhookSettings]:
+        # Deliveries are keyed by URL: a second entry with the same URL would have every
+        # delivery to that URL signed with one of the two secrets, never both.
+        seen: dict[str, int] = {}
+        for index, hook in enumerate(value):
+            if hook.url in seen:
+                raise ValueError(
+                    f"webhooks[{index}] has the same url as webhooks[{seen[hook.url]}]; "
+                    "give each URL one entry (one secret)"
+                )
+            seen[hook.url] = index
+        return value
 
     @field_validator("providers")
     @classmethod

@@ -20,10 +20,12 @@ import logging
 from collections.abc import Callable, Iterator
 
 import pytest
+from starlette.applications import Starlette
 
 from broker import cli
-from broker.config import Settings
+from broker.config import ServerSettings, Settings
 from broker.logs import FORMAT, QUIET, configure_logging
+from broker.web.server import build_server
 
 __all__ = ["FORMAT", "RECORD_START", "output", "served_logging"]
 
@@ -36,8 +38,11 @@ def served_logging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Callable[[Settings, str], logging.Handler]]:
     assert "configure_logging(settings)" in inspect.getsource(cli._settings)
-    serve = inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
-    assert "access_log=False" in serve and "log_config=None" in serve
+    # What `broker serve` runs: uvicorn without its access log, logging through ours.
+    assert "build_server(" in inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
+    built = build_server(Starlette(), ServerSettings(), host="127.0.0.1", port=0,
+                         log_level="debug")
+    assert built.config.access_log is False and built.config.log_config is None
     root = logging.getLogger()
     names = ["", *QUIET, *logging.root.manager.loggerDict]
     saved = {name: logging.getLogger(name).level for name in names}

@@ -15,7 +15,13 @@ import httpx
 import pytest
 import yaml
 
-from broker.catalog import ApiKeyProvider, ProviderBase, builtin_catalog_dir, render
+from broker.catalog import (
+    ApiKeyProvider,
+    ProviderBase,
+    builtin_catalog_dir,
+    load_yaml_file,
+    render,
+)
 from broker.config import Settings, load_settings
 from broker.errors import ConfigError, CredentialRejected
 from broker.providers import verify_credential
@@ -582,3 +588,19 @@ async def test_oauth2_code_exchange_request_and_stored_token(tmp_path: Path, nam
         assert view["hub_id"] == 62515
     if name == "zendesk":
         assert view["subdomain"] == "acme"
+
+
+def test_every_oauth2_catalog_file_says_what_was_checked_about_its_issuer() -> None:
+    # Issue #11, item 5: the mix-up check depends on `issuer` being set wherever a provider
+    # sends one; each file names the page checked, or says it could not be confirmed.
+    checked = []
+    for path in sorted(builtin_catalog_dir().glob("*.yaml")):
+        data = load_yaml_file(path)
+        if data.get("auth_type") != "oauth2":
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "# - Issuer (RFC 9207): " in text, path.name
+        issuer = data.get("issuer")
+        assert issuer is None or issuer.startswith("https://"), path.name
+        checked.append(path.stem)
+    assert len(checked) >= 12, checked

@@ -521,3 +521,17 @@ def test_public_url_with_query_fragment_or_no_scheme_is_rejected(tmp_path: Path,
 def test_public_url_trailing_slash_is_stripped(tmp_path: Path) -> None:
     path = config(tmp_path, "public_url: https://broker.example.com/base/\n")
     assert load(path).public_url == "https://broker.example.com/base"
+
+
+def test_server_section_has_defaults_and_refuses_values_out_of_range(tmp_path: Path) -> None:
+    server = load(config(tmp_path, "")).server
+    assert (server.header_timeout_seconds, server.body_timeout_seconds) == (10.0, 30.0)
+    assert (server.keep_alive_seconds, server.max_connections) == (5, 2048)
+    path = config(
+        tmp_path,
+        "server:\n  header_timeout_seconds: 0\n  max_connections: 0\n  keep_alive: 5\n",
+    )
+    problems = problems_of(path)
+    assert "greater than 0" in line_for(problems, path, "server.header_timeout_seconds")
+    assert "greater than or equal to 1" in line_for(problems, path, "server.max_connections")
+    assert "unknown key" in line_for(problems, path, "server.keep_alive")

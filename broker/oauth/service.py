@@ -29,6 +29,7 @@ from ..errors import BrokerError, CredentialCorrupt, InvalidInput, TokenEndpoint
 from ..sessions import find_session_by_hash
 from . import client
 from .flows import Flow, consume_flow, create_ticket, hash_secret, new_verifier, redeem_ticket
+from .issuer import check_issuer
 from .tokens import stored_token
 
 if TYPE_CHECKING:
@@ -275,14 +276,13 @@ async def finish(
             raise FlowFailed(f"Access to {label} was declined.", integration=name)
         raise FlowFailed(f"{label} could not complete the sign-in.", integration=name)
     iss = _single(params, "iss", name)
-    if flow.issuer is not None and iss is not None and iss != flow.issuer:
+    others = [i.provider for i in broker.registry if isinstance(i.provider, OAuth2Provider)]
+    refusal = check_issuer(iss, spec, others, settings=flow.settings)
+    if refusal is not None:
+        log.warning("refused an OAuth2 callback for %s: %s", name, refusal.reason)
+        said = "say it came" if refusal.missing else "come"
         raise FlowFailed(
-            f"The sign-in response did not come from {label}. Start again.", integration=name
-        )
-    if flow.issuer is not None and iss is None and spec.issuer_in_response:
-        raise FlowFailed(
-            f"The sign-in response did not say it came from {label}. Start again.",
-            integration=name,
+            f"The sign-in response did not {said} from {label}. Start again.", integration=name
         )
     code = _single(params, "code", name)
     if not code:

@@ -9,6 +9,7 @@ take turns.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection as SyncConnection
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -59,6 +61,12 @@ class Database:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
+            # Before each connection SQLite would open (and maybe create) the file: so it is
+            # created 0600 at the first connection, and a start refused before that (a
+            # malformed key) leaves no file behind.
+            event.listen(
+                self.engine.sync_engine, "do_connect", lambda *_: create_private_sqlite_file(url)
+            )
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         # Copied into every session: how the integration API finds its broker from ``db``.
         self.info: dict[str, Any] = dict(info or {})
@@ -125,6 +133,28 @@ class Database:
                 select(Connection.key_id, func.count()).group_by(Connection.key_id)
             )
             return {key: count for key, count in rows.all()}
+
+
+def create_private_sqlite_file(url: str) -> None:
+    """Create the SQLite database file of ``url`` empty with mode 0600, unless it exists.
+
+    SQLite creates a missing database file 0644 (less the umask), and its ``-wal``,
+    ``-shm`` and ``-journal`` files with the database file's mode. Created here first, the
+    database and every file SQLite adds beside it are readable by the broker's user only,
+    like the key file; that covers the first start, where the migrations (Alembic, on the
+    broker's own engine) create the tables. A file that exists keeps its mode. Nothing
+    happens for an in-memory database or a ``file:`` URI; a directory that does not exist
+    is left for SQLite to report. Returns None: it runs as the engine's ``do_connect``
+    listener, where a value returned would be taken for the connection.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # it exists, or SQLite will say why it cannot be opened
+        return
+    os.close(fd)
 
 
 class BrokerSession(Session):

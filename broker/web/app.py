@@ -320,5 +320,8 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    # No "/path/" -> "/path" redirects: Starlette builds them from the Host header, which
+    # a client forges at will. Paths with a trailing slash are a plain 404.
+    app.router.redirect_slashes = False
     app.state.broker = broker
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from ..errors import InvalidInput, PayloadTooLarge
@@ -27,11 +27,18 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left, or was cut off for sending its body too slowly
+        # (server.body_timeout_seconds): nobody will read the answer, but it is not a 500.
+        raise InvalidInput(
+            "The request body did not arrive in full.", reason="incomplete_body"
+        ) from None
     return b"".join(chunks)
 
 

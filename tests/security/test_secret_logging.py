@@ -33,13 +33,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import cli
-from broker.config import Settings
+from broker.config import ServerSettings, Settings
 from broker.events import MAX_ATTEMPTS, deliver_due
 from broker.oauth.flows import _FLOW_SCOPE, hash_secret
 from broker.runtime import Broker
 from broker.scheduler import sweep
 from broker.store.models import Connection, ConnectSession, OAuthFlow, WebhookDelivery
-from broker.web import create_app
+from broker.web import create_app, server
 from tests import logging_support, oauth_support
 from tests.oauth_support import Live, page_data, query_param
 from tests.security import security_support as sec
@@ -87,7 +87,11 @@ def everything_at_debug(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.Mo
     for name in list(logging.root.manager.loggerDict):
         caplog.set_level(logging.DEBUG, logger=name)
     # What `broker serve` does (uvicorn.Config(access_log=False)): no uvicorn access log.
-    assert "access_log=False" in inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
+    assert "build_server(" in inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
+    built = server.build_server(
+        Starlette(), ServerSettings(), host="127.0.0.1", port=0, log_level="debug"
+    )
+    assert built.config.access_log is False
     monkeypatch.setattr(logging.getLogger("uvicorn.access"), "propagate", False)
     monkeypatch.setattr(logging.getLogger("uvicorn.access"), "handlers", [])
     caplog.handler.addFilter(_mark)
