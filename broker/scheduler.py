@@ -64,7 +64,7 @@ async def sweep(
     limit = broker.settings.refresh.max_concurrency
     budget = max_rows if max_rows is not None else 400 * limit
     credentials = broker.tokens
-    # As long as the longest per-refresh lease (2 x token timeout + 5 s), not a fixed minute:
+    # As long as the longest per-refresh lease (``refresh.lease_seconds``), not a fixed minute:
     # rows a crashed sweeper had claimed are free again about as soon as its requests would
     # have timed out.
     lease = timedelta(

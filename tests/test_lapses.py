@@ -200,7 +200,7 @@ async def strand(live: Live, group: str, *, runs_out_in: float) -> tuple[str, fl
     after the provider answered: the provider has rotated its refresh token (the answer is
     thrown away) and the row is leased by a holder that is gone, until ``runs_out_in``
     seconds from now. Returns the stored refresh token and when the lease runs out."""
-    ((row, data),) = [v for g, v in (await rows(live.broker)).items() if g == group]
+    data = (await rows(live.broker))[group][1]
     async with httpx.AsyncClient(timeout=10) as http:
         answer = await http.post(
             live.server.token_endpoint,
@@ -286,3 +286,29 @@ async def test_an_invalid_grant_without_a_takeover_gives_no_reason(
         events = (await live.service.get("/groups/g1/events")).json()["events"]
         assert events[0]["kind"] == "reauth_required"
         assert events[0]["detail"] == {"error": "invalid_grant"}
+
+
+async def test_a_lease_released_in_time_brings_no_sweep_forward(
+    refresh_live: Callable[..., Any],
+) -> None:
+    """A live holder releases its lease before it runs out: the watch, which looked again
+    just after the lease would have run out, finds it gone and leaves the sweep alone (the
+    row, due and free now, waits for the regular sweep 60 s on)."""
+    async with refresh_live(
+        provider={"timeout_seconds": TIMEOUT},
+        refresh={"interval_seconds": 60, "min_validity_seconds": 1},
+    ) as live:
+        await connect(live, "g1")
+        now = live.broker.now()
+        await set_row(live.broker, "g1", lease_owner="4243-alive", next_refresh_at=now,
+                      lease_expires_at=now + timedelta(seconds=2))
+        refresher = Refresher(live.broker)
+        refresher.start()
+        try:
+            await asyncio.sleep(1.0)
+            await set_row(live.broker, "g1", lease_owner=None, lease_expires_at=None)
+            await asyncio.sleep(2.5)  # past when the lease would have run out
+        finally:
+            await refresher.aclose()
+        assert live.server.token_requests["refresh_token"] == 0
+        assert (await rows(live.broker))["g1"][0].version == 1
