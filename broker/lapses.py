@@ -89,6 +89,9 @@ class LapseWatch:
                 log.warning("lease watch: database error (%s); looking again later",
                             type(exc).__name__)
                 lapse = None
+            except Exception:  # never die quietly: the sweep goes on, and so does the watch
+                log.exception("lease watch failed; looking again later")
+                lapse = None
             now = broker.now()
             lapse_in = None if lapse is None else (lapse - now).total_seconds()
             if lapse_in is not None and lapse_in <= 0:

@@ -169,25 +169,14 @@ async def test_next_lapse_walks_the_due_range_of_the_index(broker: Broker) -> No
         event.remove(engine, "before_cursor_execute", capture)
     assert lapse == now + timedelta(seconds=10)
     ((statement, params),) = statements
+    explain = "EXPLAIN QUERY PLAN " if broker.database.is_sqlite else "EXPLAIN "
     async with broker.database.engine.connect() as conn:
-        if broker.database.is_sqlite:
-            raw = await conn.get_raw_connection()
-            plan = " ".join(
-                str(r[-1])
-                for r in await raw.driver_connection.execute_fetchall(  # type: ignore[union-attr]
-                    "EXPLAIN QUERY PLAN " + statement, params
-                )
-            )
-            assert "USING INDEX ix_connections_next_refresh_at" in plan, plan
-        else:
+        if not broker.database.is_sqlite:
             await conn.execute(text("ANALYZE connections"))
-            raw = await conn.get_raw_connection()
-            found = await raw.driver_connection.fetch(  # type: ignore[union-attr]
-                "EXPLAIN " + statement, *params
-            )
-            plan = " ".join(r[0] for r in found)
-            assert "ix_connections_next_refresh_at" in plan, plan
-            assert "Seq Scan" not in plan, plan
+        found = await conn.exec_driver_sql(explain + statement, tuple(params))
+        plan = " ".join(str(r[-1]) for r in found)
+    assert "ix_connections_next_refresh_at" in plan, plan
+    assert "Seq Scan" not in plan and "SCAN connections" not in plan, plan
 
 
 # --- the lease watch, in a refresher ---------------------------------------------------------
