@@ -9,11 +9,19 @@ Single flight, at two levels:
   waits for the one refresh running (on-demand requests and the sweep alike), and callers
   that miss the cache for one connection share one read (and the refresh it may lead to).
 - Across processes and replicas, the refresher takes a *lease* on the row (a conditional
-  UPDATE: free, or its holder's lease ran out), longer than the token request's timeout,
-  so a crashed holder blocks nobody for long. After claiming it re-reads the row: if
-  someone else refreshed meanwhile, that token is used. Callers that find the lease held
-  wait for the holder's result by polling the row, instead of refreshing again. The new
-  token is written only while the lease is still ours.
+  UPDATE: free, or its holder's lease ran out), longer than the token request's timeout
+  (``refresh.lease_seconds``), so a crashed holder blocks nobody for long. After claiming
+  it re-reads the row: if someone else refreshed meanwhile, that token is used. Callers
+  that find the lease held wait for the holder's result by polling the row, instead of
+  refreshing again. The new token is written only while the lease is still ours.
+
+A holder that stops mid-refresh (SIGKILL, OOM) may take the provider's answer with it: at a
+provider that rotates refresh tokens the one stored is then spent. Nothing between the
+answer and its commit waits on purpose (``writes.RefreshWriter``), and the next holder asks
+again with the same refresh token as soon as the lease runs out (``lapses.LapseWatch``),
+which providers with a reuse grace period accept. A claim reports a lease it took over from
+a holder that stopped (``refresh.interrupted_by``); if the provider then says
+``invalid_grant``, the ``reauth_required`` event says why (``refresh.reauth_reason``).
 
 Outcomes (see ``oauth.decisions``): success stores the new tokens (keeping the old refresh
 token when none comes back) in the same statement that releases the lease, through
@@ -58,7 +66,14 @@ from .integrations import Integration
 from .oauth import client
 from .oauth.decisions import Outcome
 from .oauth.tokens import node_view, stored_token
-from .refresh import backoff, lease_covers, needs_refresh
+from .refresh import (
+    backoff,
+    interrupted_by,
+    lease_covers,
+    lease_seconds,
+    needs_refresh,
+    reauth_reason,
+)
 from .store.models import Connection
 from .store.repository import Refreshed
 from .writes import RefreshWriter
@@ -284,7 +299,7 @@ class Credentials:
         return float(getattr(integration.provider, "timeout_seconds", 15.0))
 
     def _lease_seconds(self, integration: Integration) -> float:
-        return 2 * self._timeout(integration) + 5.0
+        return lease_seconds(self._timeout(integration))
 
     async def _refresh_leased(
         self,
@@ -389,6 +404,13 @@ class Credentials:
             # (Retry-After), and asking before then on every node call would only prolong it.
             await self._release(group_id, key, {})
             raise IntegrationUnavailable(key, integration.name)
+        taken_from = interrupted_by(row.lapsed_lease_owner, self.owner)
+        if taken_from is not None:
+            log.warning(
+                "refresh of %s/%s: taking it over from %s, whose lease ran out unreleased "
+                "(it stopped mid-refresh); asking the provider again with the same refresh "
+                "token", group_id, key, taken_from,
+            )
         # The provider's clock for ``expires_in`` starts before its answer reaches us:
         # count from the request, so a slow answer never makes a token look longer-lived.
         requested_at = broker.now()
@@ -520,7 +542,12 @@ class Credentials:
             if current is not None and current.info.version != row.version:
                 await self._release(group_id, key, {})
                 return Renewal(current.data, renewed=True)  # by another replica
-            log.warning("connection %s/%s needs reauth: %s", group_id, key, exc)
+            reason = reauth_reason(error, interrupted_by(row.lapsed_lease_owner, self.owner))
+            log.warning(
+                "connection %s/%s needs reauth: %s%s", group_id, key, exc,
+                f" ({reason})" if reason else "",
+            )
+            detail = {"error": error} if reason is None else {"error": error, "reason": reason}
             async with broker.session() as db, db.begin():
                 await broker.repository.release(
                     db, group_id, key, owner=self.owner,
@@ -532,7 +559,7 @@ class Credentials:
                 )
                 await record(
                     db, group_id=group_id, integration=key, kind="reauth_required", now=now,
-                    webhooks=broker.settings.webhooks, error=error,
+                    webhooks=broker.settings.webhooks, **detail,
                 )
             raise IntegrationNeedsReauth(key, integration.name) from None
 

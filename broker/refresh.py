@@ -15,11 +15,16 @@ import random
 from datetime import datetime, timedelta
 
 __all__ = [
+    "INTERRUPTED",
     "backoff",
+    "interrupted_by",
     "keep_alive_at",
     "lease_covers",
+    "lease_seconds",
     "needs_refresh",
+    "next_look",
     "next_refresh_at",
+    "reauth_reason",
     "refresh_margin",
 ]
 
@@ -93,3 +98,59 @@ def lease_covers(
     if lease_expires_at is None:
         return False
     return (lease_expires_at - now).total_seconds() >= request_timeout + 5.0
+
+
+def lease_seconds(request_timeout: float) -> float:
+    """How long a refresh lease lasts, for a provider whose token requests time out after
+    ``request_timeout`` seconds: the request and the write after it (the timeout plus 5 s,
+    what ``lease_covers`` asks of a lease before the request), and up to 5 s more for a row
+    the sweep claimed ahead to wait for its turn (one that waited longer has its lease
+    renewed first).
+
+    It is also how long a connection waits when its holder stops mid-refresh: the next
+    attempt, with the same refresh token, comes at most this long after the one that was
+    cut off (``next_look``). Short, for providers that accept a rotated refresh token again
+    for a grace period (Okta's default: 30 s; with the default 15 s timeout a lease lasts
+    25 s).
+    """
+    return request_timeout + 5.0 + min(request_timeout, 5.0)
+
+
+LAPSE_MARGIN = 0.05
+"""Seconds after a lease's expiry at which it is taken over (it must have run out)."""
+
+
+def next_look(lapse_in: float | None, *, every: float) -> float:
+    """Seconds until the lease watch (``lapses.LapseWatch``) looks again: just after the
+    earliest lease it knows of runs out, ``lapse_in`` seconds from now (0 or less: it has),
+    or after ``every`` seconds when none runs out sooner."""
+    if lapse_in is None:
+        return every
+    return min(every, max(lapse_in, 0.0) + LAPSE_MARGIN)
+
+
+INTERRUPTED = (
+    "a refresh was interrupted (the process holding it stopped); "
+    "the provider had rotated the refresh token"
+)
+
+
+def interrupted_by(lapsed_lease_owner: str | None, owner: str) -> str | None:
+    """The holder whose refresh ``owner`` has taken over, or None: the lease ``owner``
+    claimed had run out unreleased (``Connection.lapsed_lease_owner``), so its holder
+    stopped mid-refresh, perhaps after the provider had answered. A lease of ``owner``'s
+    own that ran out (a row that waited too long in its sweep) is not one."""
+    if lapsed_lease_owner is None or lapsed_lease_owner == owner:
+        return None
+    return lapsed_lease_owner
+
+
+def reauth_reason(error: str, interrupted: str | None) -> str | None:
+    """Why a refresh that ended in ``error`` (an ``Outcome.reauth``) needs the user to
+    reconnect, when the broker knows more than the provider's error code: an
+    ``invalid_grant`` answer to a refresh taken over from a holder that stopped
+    (``interrupted_by``) means the provider had already rotated the refresh token for the
+    request cut off, and its answer died with that holder."""
+    if error == "invalid_grant" and interrupted is not None:
+        return INTERRUPTED
+    return None

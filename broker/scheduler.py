@@ -6,6 +6,10 @@ on PostgreSQL so replicas take disjoint batches) and refreshes them through the 
 single-flight path as on-demand requests, at most ``refresh.max_concurrency`` at a time.
 Then it sends due webhook deliveries. One job, never one job per connection; APScheduler
 runs at most one instance of it at a time and coalesces missed runs.
+
+Beside it, ``lapses.LapseWatch`` brings the sweep forward when a lease another holder left
+behind (it stopped mid-refresh) runs out, so that refresh is retried at once, not up to an
+interval later.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -22,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
 from .events import deliver_due
+from .lapses import LapseWatch
 from .oauth.flows import FLOW_TTL, prune_flows
 from .sessions import prune_sessions
 from .store.models import Connection
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Refresher", "SweepResult", "sweep"]
 
 log = logging.getLogger("broker.refresh")
+SWEEP_JOB = "broker-refresh-sweep"
 
 
 @dataclass
@@ -64,7 +70,7 @@ async def sweep(
     limit = broker.settings.refresh.max_concurrency
     budget = max_rows if max_rows is not None else 400 * limit
     credentials = broker.tokens
-    # As long as the longest per-refresh lease (2 x token timeout + 5 s), not a fixed minute:
+    # As long as the longest per-refresh lease (``refresh.lease_seconds``), not a fixed minute:
     # rows a crashed sweeper had claimed are free again about as soon as its requests would
     # have timed out.
     lease = timedelta(
@@ -197,13 +203,14 @@ class Refresher:
             self._run,
             "interval",
             seconds=broker.settings.refresh.interval_seconds,
-            id="broker-refresh-sweep",
+            id=SWEEP_JOB,
             max_instances=1,
             coalesce=True,
             next_run_time=broker.now(),
         )
         self._stop = asyncio.Event()
         self._job: asyncio.Task[None] | None = None
+        self._lapses = LapseWatch(broker, self._sweep_now)
 
     async def _run(self) -> None:
         self._job = asyncio.current_task()
@@ -221,9 +228,11 @@ class Refresher:
 
     def start(self) -> None:
         self.scheduler.start()
+        self._lapses.start()
 
     def stop(self) -> None:
         """Stop at once: a sweep in progress is cancelled (see ``aclose``)."""
+        self._lapses.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
@@ -233,6 +242,7 @@ class Refresher:
         lose answers the provider may already have acted on: at a provider that rotates
         refresh tokens, that connection would need to be connected again."""
         self._stop.set()
+        await self._lapses.aclose()
         if self.scheduler.running:
             self.scheduler.pause()
         job = self._job
@@ -243,3 +253,16 @@ class Refresher:
             )
             await asyncio.wait({job}, timeout=longest)
         self.stop()
+
+    # --- a lease that ran out unreleased (lapses.LapseWatch) ------------------------------
+
+    async def _sweep_now(self) -> None:
+        """Run the sweep at once (after the one running, if any): a lease another holder
+        left behind has run out. The sweep job is brought forward, not run beside it: one
+        sweep at a time, and the next regular one comes an interval after this one."""
+        running = self._job
+        if running is not None and not running.done():
+            await asyncio.wait({running})
+        if self._stop.is_set() or not self.scheduler.running:
+            return
+        self.scheduler.modify_job(SWEEP_JOB, next_run_time=datetime.now(UTC))

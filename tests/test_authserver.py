@@ -282,6 +282,40 @@ def test_refresh_rotation_and_reuse_detection(p: Proto) -> None:
     assert srv.token_requests == {"authorization_code": 1, "refresh_token": 3}
 
 
+def test_reuse_grace_accepts_the_last_rotated_token_for_a_while(p: Proto) -> None:
+    """The answer to a refresh is lost (as if the client died): within the grace period the
+    old refresh token still works, once it is over it is a replay; only the token rotated
+    out last gets the grace, never an older one."""
+    srv = p.srv
+    srv.config.refresh_token_reuse_grace = 0.5
+    client = srv.register_client()
+    tok1 = p.login(client)
+    lost = p.refresh(client, tok1["refresh_token"]).json()  # the answer the client lost
+    retry = p.refresh(client, tok1["refresh_token"])
+    assert retry.status_code == 200, retry.text
+    tok3 = retry.json()
+    assert tok3["refresh_token"] not in (tok1["refresh_token"], lost["refresh_token"])
+    assert srv.grace_reuses == 1 and srv.reuse_detections == 0
+    assert p.me(tok3["access_token"]).status_code == 200
+    # What the server can tell: which answers to a refresh were never used since.
+    unused = {t.refresh_token for t in srv.unused_refresh_answers()}
+    assert unused == {lost["refresh_token"], tok3["refresh_token"]}
+    tok4 = p.refresh(client, tok3["refresh_token"]).json()
+    assert {t.refresh_token for t in srv.unused_refresh_answers()} == {
+        lost["refresh_token"], tok4["refresh_token"],
+    }
+    # tok1 is no longer the token rotated out last: a replay, the grant is revoked.
+    assert p.refresh(client, tok1["refresh_token"]).json()["error"] == "invalid_grant"
+    assert srv.reuse_detections == 1 and srv.is_grant_revoked(tok4["refresh_token"])
+
+    # After the grace period the token rotated out last is a replay too.
+    tok1 = p.login(client)
+    p.refresh(client, tok1["refresh_token"])
+    time.sleep(0.6)
+    assert p.refresh(client, tok1["refresh_token"]).json()["error"] == "invalid_grant"
+    assert srv.reuse_detections == 2 and srv.grace_reuses == 1
+
+
 def test_refresh_without_rotation(p: Proto) -> None:
     p.srv.config.rotate_refresh_tokens = False
     client = p.srv.register_client()

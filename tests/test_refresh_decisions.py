@@ -15,11 +15,17 @@ from broker.oauth.decisions import Outcome, classify, safe_error_code
 from broker.oauth.tokens import MAX_LIFETIME, lifetime_seconds, node_view, stored_token
 from broker.refresh import (
     BACKOFF_CAP,
+    INTERRUPTED,
+    LAPSE_MARGIN,
     backoff,
+    interrupted_by,
     keep_alive_at,
     lease_covers,
+    lease_seconds,
     needs_refresh,
+    next_look,
     next_refresh_at,
+    reauth_reason,
     refresh_margin,
 )
 
@@ -354,7 +360,7 @@ def test_node_view_never_contains_a_refresh_token_or_client_secret() -> None:
 @pytest.mark.parametrize(
     ("left", "timeout", "covers"),
     [
-        (35.0, 15.0, True),  # just claimed: 2 x timeout + 5 s left
+        (25.0, 15.0, True),  # just claimed: a whole lease (lease_seconds) left
         (20.0, 15.0, True),  # exactly the request's timeout plus 5 s
         (19.9, 15.0, False),
         (5.0, 15.0, False),
@@ -372,3 +378,89 @@ def test_a_claimed_lease_is_used_only_with_room_for_the_request_and_the_write(
 
 def test_no_lease_covers_nothing() -> None:
     assert lease_covers(None, NOW, request_timeout=1.0) is False
+
+
+# --- a holder that stops mid-refresh -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timeout", "lease"),
+    [(15.0, 25.0), (1.0, 7.0), (3.0, 11.0), (5.0, 15.0), (30.0, 40.0), (0.5, 6.0)],
+)
+def test_lease_length(timeout: float, lease: float) -> None:
+    """The request and the write (timeout + 5 s) and a short wait for a turn in the sweep
+    (up to 5 s): with the default 15 s timeout a holder that stopped blocks its connection
+    25 s, within Okta's default 30 s grace period for a rotated refresh token."""
+    assert lease_seconds(timeout) == lease
+
+
+@pytest.mark.parametrize("timeout", [0.1, 1.0, 5.0, 15.0, 60.0, 300.0])
+def test_a_fresh_lease_covers_the_request_and_the_write(timeout: float) -> None:
+    """A lease just taken is never renewed before its request (the sweep claims rows a
+    little ahead and renews only those that waited), and it lasts at most 10 s more."""
+    lease = lease_seconds(timeout)
+    assert lease_covers(NOW + timedelta(seconds=lease), NOW, request_timeout=timeout)
+    assert timeout + 5 <= lease <= timeout + 10
+
+
+@pytest.mark.parametrize(
+    ("lapse_in", "every", "look_in"),
+    [
+        (None, 8.0, 8.0),  # no lease held by another: look again later
+        (20.0, 8.0, 8.0),  # runs out after the next look: look then (likely released by then)
+        (8.0, 8.0, 8.0),
+        (3.0, 8.0, 3.0 + LAPSE_MARGIN),  # runs out before: just after it does
+        (0.0, 8.0, LAPSE_MARGIN),
+        (-4.0, 8.0, LAPSE_MARGIN),  # has run out already (clocks): at once, never in the past
+        (0.2, 0.1, 0.1),
+    ],
+)
+def test_when_the_lease_watch_looks_again(
+    lapse_in: float | None, every: float, look_in: float
+) -> None:
+    assert next_look(lapse_in, every=every) == pytest.approx(look_in)
+
+
+def test_the_lease_watch_sees_every_lease_before_it_runs_out() -> None:
+    """Whatever moment a holder took a lease and stopped, a look falls within the lease
+    (looks every third of a lease) and the next look is just after it runs out."""
+    lease = lease_seconds(15.0)
+    every = lease / 3
+    rng = random.Random(11)
+    for _ in range(2000):
+        taken = rng.uniform(0.0, 100.0)
+        lapse = taken + lease
+        t = rng.uniform(0.0, every)  # the watch's phase
+        while True:
+            held = taken <= t < lapse
+            wait = next_look(lapse - t if held else None, every=every)
+            assert wait > 0
+            if held and t + wait >= lapse:
+                assert 0 < t + wait - lapse <= LAPSE_MARGIN + 1e-9
+                break
+            t += wait
+            assert t < lapse + every, "the lapse went unseen"
+
+
+@pytest.mark.parametrize(
+    ("lapsed", "interrupted"),
+    [
+        (None, None),  # the lease was free: a refresh like any other
+        ("me-1", None),  # my own lease ran out (the row waited too long): nothing was cut off
+        ("4242-abcdef", "4242-abcdef"),  # another holder never released it: it stopped
+    ],
+)
+def test_a_refresh_taken_over_from_a_holder_that_stopped(
+    lapsed: str | None, interrupted: str | None
+) -> None:
+    assert interrupted_by(lapsed, "me-1") == interrupted
+
+
+def test_the_reason_given_for_reauth() -> None:
+    assert reauth_reason("invalid_grant", "4242-abcdef") == INTERRUPTED
+    assert INTERRUPTED == (
+        "a refresh was interrupted (the process holding it stopped); "
+        "the provider had rotated the refresh token"
+    )
+    assert reauth_reason("invalid_grant", None) is None  # the user or provider revoked it
+    assert reauth_reason("unauthorized_client", "4242-abcdef") is None  # not a spent token

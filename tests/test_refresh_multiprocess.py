@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from broker.nodes import ExecutionContext
+from broker.refresh import INTERRUPTED, lease_seconds
 from tests import refresh_support
 from tests.oauth_support import Live
 from tests.refresh_support import (
@@ -169,8 +170,8 @@ async def test_a_killed_refresher_holding_leases_is_taken_over(
     late for the dead process) and 10 waiting their turn. A second refresher takes every
     row over once its lease has run out."""
     count = 20
-    timeout = 1.0  # the provider's timeout_seconds: leases last 2 * 1 + 5 = 7 s
-    lease = 2 * timeout + 5
+    timeout = 1.0  # the provider's timeout_seconds: leases last 1 + 5 + 1 = 7 s
+    lease = lease_seconds(timeout)
     async with refresh_live(provider={"timeout_seconds": timeout}, **SETTINGS) as live:
         server = live.server
         config = live.broker.settings.source
@@ -270,6 +271,7 @@ async def test_a_killed_refresher_holding_leases_is_taken_over(
                 assert row.status == "connected" and row.failure_count == 0
         events = (await live.service.get(f"/groups/{min(lost)}/events")).json()["events"]
         assert [e["kind"] for e in events] == ["reauth_required", "connected"]
+        assert events[0]["detail"] == {"error": "invalid_grant", "reason": INTERRUPTED}
         print(
             f"\nkilled holding {len(held)} leases ({len(stalled)} requests never processed, "
             f"{len(late)} answered after death, {count - 10} waiting); all taken over "

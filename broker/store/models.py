@@ -92,6 +92,9 @@ class Connection(Base):
     next_refresh_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set by the claim that took the current lease: the holder whose lease it took over,
+    # which had run out unreleased (that holder stopped mid-refresh); NULL otherwise.
+    lapsed_lease_owner: Mapped[str | None] = mapped_column(String(64))
     failure_count: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
 

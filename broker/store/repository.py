@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -55,6 +55,7 @@ _STORE_REFRESHED = (
         next_refresh_at=bindparam("b_next_refresh_at"),
         lease_owner=None,
         lease_expires_at=None,
+        lapsed_lease_owner=None,
         failure_count=0,
         last_error=None,
     )
@@ -64,6 +65,18 @@ _STORE_REFRESHED = (
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _taking(owner: str, until: datetime) -> dict[str, Any]:
+    """The values of a claim: ``owner`` leases the row until ``until``. A claim only takes
+    a free lease or one that ran out, and releasing a lease clears its owner: an owner
+    still set is a holder that never released it (``lapsed_lease_owner`` keeps it; SQL
+    reads the row's values before the update on the right of SET)."""
+    return {
+        "lease_owner": owner,
+        "lease_expires_at": until,
+        "lapsed_lease_owner": Connection.lease_owner,
+    }
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,7 @@ class Repository:
             "next_refresh_at": next_refresh_at,
             "lease_owner": None,
             "lease_expires_at": None,
+            "lapsed_lease_owner": None,
             "failure_count": 0,
             "last_error": None,
         }
@@ -280,7 +294,9 @@ class Repository:
         until: datetime,
     ) -> Connection | None:
         """Take the refresh lease on one connection if it is free (or its holder's lease
-        ran out). Returns the row (with its current version) or None."""
+        ran out). Returns the row (with its current version) or None. The row's
+        ``lapsed_lease_owner`` names the holder whose lease ran out unreleased, if it was
+        taken over from one (see ``refresh.interrupted_by``)."""
         now = self.clock()
         row: Connection | None = (
             await db.execute(
@@ -290,7 +306,7 @@ class Repository:
                     Connection.integration == integration,
                     or_(Connection.lease_expires_at.is_(None), Connection.lease_expires_at < now),
                 )
-                .values(lease_owner=owner, lease_expires_at=until)
+                .values(**_taking(owner, until))
                 .returning(Connection)
                 .execution_options(synchronize_session=False)
             )
@@ -322,7 +338,8 @@ class Repository:
         self, db: AsyncSession, *, owner: str, until: datetime, limit: int, skip_locked: bool
     ) -> Sequence[Connection]:
         """Lease up to ``limit`` connections whose ``next_refresh_at`` has come; returns
-        their rows (as leased: the refresher needs no second read).
+        their rows (as leased: the refresher needs no second read; ``lapsed_lease_owner`` as
+        in ``claim``).
 
         The due-query walks ``ix_connections_next_refresh_at`` from the oldest due entry,
         so its cost depends on how many are due, not on how many connections exist.
@@ -344,11 +361,33 @@ class Repository:
         rows = await db.execute(
             update(Connection)
             .where(Connection.id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_expires_at=until)
+            .values(**_taking(owner, until))
             .returning(Connection)
             .execution_options(synchronize_session=False)
         )
         return list(rows.scalars().all())
+
+    async def next_lapse(
+        self, db: AsyncSession, *, owner: str, after: datetime
+    ) -> datetime | None:
+        """When the first lease held by another holder than ``owner`` on a connection due
+        for refresh runs out, among those running out after ``after`` (it may have run out
+        already); None when there is none.
+
+        A lease on a due row is a refresh in progress; if its holder stopped, the row waits
+        for that lease to run out (``scheduler.Refresher`` sweeps again then). Like
+        ``claim_due``, it walks the due range of ``ix_connections_next_refresh_at``: its
+        cost depends on how many connections are due, not on how many exist.
+        """
+        lapse: datetime | None = await db.scalar(
+            select(func.min(Connection.lease_expires_at)).where(
+                Connection.next_refresh_at <= self.clock(),
+                Connection.status == "connected",
+                Connection.lease_expires_at > after,
+                Connection.lease_owner != owner,
+            )
+        )
+        return lapse
 
     async def release(
         self,
@@ -367,7 +406,10 @@ class Repository:
                 Connection.integration == integration,
                 Connection.lease_owner == owner,
             )
-            .values(lease_owner=None, lease_expires_at=None, **(values or {}))
+            .values(
+                lease_owner=None, lease_expires_at=None, lapsed_lease_owner=None,
+                **(values or {}),
+            )
             .returning(Connection.id)
             .execution_options(synchronize_session=False)
         )

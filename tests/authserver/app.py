@@ -226,6 +226,7 @@ def build_app(srv: AuthServer) -> Starlette:
                 if tok is not None:
                     family_id = tok.family.id
                     store.refresh_requests[family_id] += 1
+                    tok.presented += 1
             rec = record("token", snap, grant_type, family_id)
 
         def handle() -> Handled:

@@ -81,6 +81,7 @@ class Family:
     grant_type: str
     revoked: bool = False
     revoked_reason: str | None = None
+    last_rotated: str | None = None  # the refresh token most recently rotated out
 
 
 @dataclass
@@ -119,6 +120,9 @@ class Token(TokenMixin):  # type: ignore[misc]
     refresh_expires_at: float | None = None
     access_revoked: bool = False
     refresh_rotated: bool = False  # this refresh token was used and replaced
+    rotated_at: float | None = None  # when it was first replaced
+    grant_type: str = ""  # the grant that issued this token
+    presented: int = 0  # token requests that presented this refresh token
 
     def check_client(self, client: Client) -> bool:
         return self.client_id == client.client_id
@@ -179,6 +183,7 @@ class Store:
     refresh_requests: Counter[str] = field(default_factory=Counter)
     invalid_grant: int = 0
     reuse_detected: int = 0
+    grace_reuses: int = 0
     requests: list[RequestRecord] = field(default_factory=list)
     signals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 

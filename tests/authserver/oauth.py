@@ -197,6 +197,16 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
         if tok is None or tok.family.revoked:
             return None
         if tok.refresh_rotated:
+            grace = self.server.config.refresh_token_reuse_grace
+            if (
+                grace
+                and tok.family.last_rotated == refresh_token
+                and time.time() - (tok.rotated_at or 0.0) <= grace
+            ):
+                # Within the grace period the token last rotated out still works (a
+                # client that lost the answer retries with it): not taken for a replay.
+                store.grace_reuses += 1
+                return tok if not tok.refresh_expired() else None
             # Reuse of a rotated refresh token: revoke the whole family (RFC 9700 §4.14.2).
             store.revoke_family(tok.family, "refresh_token_reuse")
             store.reuse_detected += 1
@@ -211,6 +221,9 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
     def revoke_old_credential(self, refresh_token: Token) -> None:
         if self.server.config.rotate_refresh_tokens:
             refresh_token.refresh_rotated = True
+            if refresh_token.rotated_at is None:
+                refresh_token.rotated_at = time.time()
+            refresh_token.family.last_rotated = refresh_token.refresh_token
 
 
 class ClientCredentialsGrant(grants.ClientCredentialsGrant):  # type: ignore[misc]
@@ -319,6 +332,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
             issued_at=now,
             access_expires_at=now + self.config.access_token_lifetime,
             refresh_expires_at=refresh_expires_at,
+            grant_type=request.payload.grant_type or "",
         )
         self.store.by_access[rec.access_token] = rec
         if refresh:

@@ -20,7 +20,7 @@ import uvicorn
 from .app import build_app
 from .consent import adrive_consent, drive_consent
 from .faults import Fault, Faults
-from .models import Client, RequestRecord, Store
+from .models import Client, RequestRecord, Store, Token
 from .oauth import OAuthServer
 
 
@@ -44,6 +44,10 @@ class AuthServerConfig:
     include_expires_in: bool = True  # False: token responses carry no ``expires_in``
     refresh_token_lifetime: float | None = None  # None: refresh tokens never expire
     rotate_refresh_tokens: bool = True  # False: the same refresh token stays valid
+    # Seconds a rotated refresh token is still accepted (a fresh token is issued again)
+    # instead of being taken for a replay, for the family's most recently rotated token
+    # only: Okta's grace period, Auth0's reuse interval, Xero's 30 minutes. 0: none.
+    refresh_token_reuse_grace: float = 0.0
     code_lifetime: float = 60.0
     auto_approve: bool = False  # /authorize redirects at once, user = login_hint or below
     auto_approve_user: str = "alice"
@@ -353,6 +357,23 @@ class AuthServer:
             return self.store.invalid_grant
 
     @property
+    def grace_reuses(self) -> int:
+        """How many times a rotated refresh token was accepted within the grace period."""
+        with self.store.lock:
+            return self.store.grace_reuses
+
+    def unused_refresh_answers(self) -> list[Token]:
+        """The tokens issued in answer to a refresh request whose refresh token was never
+        presented since: answers the client has not used. A family's newest answer is one
+        until the client refreshes again; any other is an answer the client never got, or
+        lost before storing it."""
+        with self.store.lock:
+            return [
+                t for t in self.store.by_refresh.values()
+                if t.grant_type == "refresh_token" and t.presented == 0
+            ]
+
+    @property
     def reuse_detections(self) -> int:
         """How many times a rotated refresh token was replayed (grant then revoked)."""
         with self.store.lock:
@@ -387,6 +408,7 @@ class AuthServer:
             self.store.refresh_requests.clear()
             self.store.invalid_grant = 0
             self.store.reuse_detected = 0
+            self.store.grace_reuses = 0
             self.store.requests.clear()
 
     # ------------------------------------------------------------------ metadata
