@@ -4,8 +4,9 @@ Every ``refresh.interval_seconds`` the sweep leases batches of connections whose
 ``next_refresh_at`` has come (``Repository.claim_due``: an index range scan; ``SKIP LOCKED``
 on PostgreSQL so replicas take disjoint batches) and refreshes them through the same
 single-flight path as on-demand requests, at most ``refresh.max_concurrency`` at a time.
-Then it sends due webhook deliveries. One job, never one job per connection; APScheduler
-runs at most one instance of it at a time and coalesces missed runs.
+Then it sends due webhook deliveries, and deletes events past their retention (a bounded
+amount per sweep: ``retention``). One job, never one job per connection; APScheduler runs at
+most one instance of it at a time and coalesces missed runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -22,12 +23,13 @@ from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
 from .events import deliver_due
+from .retention import Pruned, prune
 from .store.models import Connection
 
 if TYPE_CHECKING:
     from .runtime import Broker
 
-__all__ = ["Refresher", "SweepResult", "sweep"]
+__all__ = ["Refresher", "SweepResult", "prune_expired", "sweep"]
 
 log = logging.getLogger("broker.refresh")
 
@@ -40,6 +42,8 @@ class SweepResult:
     failed: int = 0
     """Connections whose refresh failed, including those whose still-valid token was kept."""
     delivered: int = 0
+    pruned: Pruned = field(default_factory=Pruned)
+    """Events and webhook deliveries deleted by retention (``prune_expired``)."""
 
 
 async def sweep(
@@ -68,12 +72,9 @@ async def sweep(
     async def one(row: Connection) -> None:
         group_id, key = row.group_id, row.integration
         if key not in broker.registry:
-            # The provider was disabled: stop scheduling it until it comes back.
+            # The provider was disabled: park it until a broker with the provider opens.
             async with broker.session() as db, db.begin():
-                await broker.repository.release(
-                    db, group_id, key, owner=credentials.owner,
-                    values={"next_refresh_at": None},
-                )
+                await broker.repository.park(db, group_id, key, owner=credentials.owner)
             return
         try:
             if await credentials.refresh_claimed(group_id, broker.registry.get(key), row):
@@ -152,7 +153,26 @@ async def sweep(
         raise claim_failed
     if stop is None or not stop.is_set():
         result.delivered = await deliver_due(broker)
+        result.pruned = await prune_expired(broker)
     return result
+
+
+async def prune_expired(broker: Broker) -> Pruned:
+    """The sweep's last step: delete events past their retention (and their finished
+    webhook deliveries), bounded per sweep (see ``retention``). A failing database is
+    logged, not raised: the refreshes are done, and the next sweep prunes instead."""
+    try:
+        pruned = await prune(broker)
+    except (DBAPIError, OSError) as exc:
+        log.warning("pruning old events failed (%s); the next sweep tries again",
+                    type(exc).__name__)
+        return Pruned(complete=False)
+    if pruned.events:
+        log.info(
+            "retention: deleted %d events and %d webhook deliveries%s",
+            pruned.events, pruned.deliveries, "" if pruned.complete else " (more next sweep)",
+        )
+    return pruned
 
 
 async def _give_back(broker: Broker, rows: deque[Connection]) -> None:
