@@ -236,6 +236,8 @@ async def deliver_due(
                 select(Event).where(Event.id.in_([c.event_id for c in claimed]))
             )
         }
+    if not claimed:
+        return 0  # and no HTTP client (building its TLS context is the costly part) either
     delivered = 0
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
         for delivery_id, event_id, url, attempts in claimed:

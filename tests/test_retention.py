@@ -24,7 +24,9 @@ from broker.runtime import Broker
 from broker.scheduler import sweep
 from broker.store.models import Event, WebhookDelivery
 
-HOOK = WebhookSettings(url="http://127.0.0.1:9/hook", secret="whsec-0123456789abcdef")
+HOOK = WebhookSettings.model_validate(
+    {"url": "http://127.0.0.1:9/hook", "secret": "whsec-0123456789abcdef"}
+)
 DAY = timedelta(days=1)
 
 
