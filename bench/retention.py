@@ -6,7 +6,8 @@ Two stores per database, each with the same connections as benchmark 4 (10,000, 
 quick: 1,000): the *few* store holds 2,000 events from the last 10 days, the *year* store
 a year of one-day tokens for 10,000 connections (3,650,000 events; quick: 200 connections,
 73,000 events), 1 % of them of kinds other than ``refreshed``, ids rising with time as in
-a real store. The rows go in with stdlib ``sqlite3`` ``executemany`` (PostgreSQL: ``COPY``).
+a real store; a tenth of them have a webhook delivery (done, or pending for 1 % of the
+last day's). The rows go in with stdlib ``sqlite3`` ``executemany`` (PostgreSQL: ``COPY``).
 
 1. Timing, in one fresh subprocess (``python -m bench.retention time``) with both stores
    open, alternating few and year store, first repetition discarded: ``claim_due`` (limit
@@ -87,17 +88,30 @@ def event_rows(connections: int, days: int, now: datetime) -> Iterator[tuple[Any
             n += 1
 
 
+# A webhook was configured for a tenth of the events: their deliveries are done, but for
+# one in a hundred of those of the last day, still pending.
+DELIVERIES = (
+    "INSERT INTO webhook_deliveries (event_id, url, attempts, next_attempt_at, status) "
+    "SELECT id, 'https://hooks.example.com/broker', 1, "
+    "CASE WHEN created_at > {day_ago} AND id % 1000 = 0 THEN created_at END, "
+    "CASE WHEN created_at > {day_ago} AND id % 1000 = 0 THEN 'pending' ELSE 'delivered' END "
+    "FROM events WHERE id % 10 = 0"
+)
+
+
 def fill_events_sqlite(path: Path, connections: int, days: int) -> tuple[int, float]:
     con = sqlite3.connect(path)
     con.execute("PRAGMA synchronous=OFF")
     started = time.perf_counter()
+    now = datetime.now(UTC)
     with con:
         con.executemany(
             "INSERT INTO events (group_id, integration, kind, detail, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            ((g, i, k, d, stamp(at)) for g, i, k, d, at in
-             event_rows(connections, days, datetime.now(UTC))),
+            ((g, i, k, d, stamp(at)) for g, i, k, d, at in event_rows(connections, days, now)),
         )
+        day_ago = stamp(now - timedelta(days=1))
+        con.execute(DELIVERIES.format(day_ago=":day_ago"), {"day_ago": day_ago})
     con.execute("ANALYZE")
     count = int(con.execute("SELECT count(*) FROM events").fetchone()[0])
     con.close()
@@ -111,11 +125,13 @@ async def fill_events_postgres(url: str, connections: int, days: int) -> tuple[i
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(dsn)
     started = time.perf_counter()
+    now = datetime.now(UTC)
     try:
         await conn.copy_records_to_table(
-            "events", records=event_rows(connections, days, datetime.now(UTC)),
+            "events", records=event_rows(connections, days, now),
             columns=["group_id", "integration", "kind", "detail", "created_at"],
         )
+        await conn.execute(DELIVERIES.format(day_ago="$1"), now - timedelta(days=1))
         await conn.execute("ANALYZE")
         count = int(await conn.fetchval("SELECT count(*) FROM events"))
     finally:

@@ -10,12 +10,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from broker.config import Settings
-from broker.events import deliver_due
+from broker.events import claim_covers, deliver_due
 from broker.integrations import Group, register_custom_integration
 from broker.runtime import Broker
 from broker.store.models import WebhookDelivery
@@ -38,6 +39,15 @@ async def two_deliverers(
     finally:
         await a.close()
         await b.close()
+
+
+def test_a_claim_covers_an_attempt_with_half_the_margin_to_spare() -> None:
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    fresh = now + timedelta(seconds=15)  # a batch's claim: timeout 10 + margin 5
+    assert claim_covers(fresh, now, timeout=10, margin=5)
+    assert claim_covers(fresh, now + timedelta(seconds=2.5), timeout=10, margin=5)
+    assert not claim_covers(fresh, now + timedelta(seconds=2.6), timeout=10, margin=5)
+    assert not claim_covers(fresh, now + timedelta(seconds=20), timeout=10, margin=5)
 
 
 async def connect_keys(broker: Broker, count: int) -> None:
