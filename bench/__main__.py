@@ -29,6 +29,7 @@ BENCHMARKS = {
     "refresh": "bench.refresh",
     "scale": "bench.scale",
     "burst": "bench.burst",
+    "retention": "bench.retention",
 }
 
 

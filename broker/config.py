@@ -29,6 +29,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -122,6 +123,28 @@ class ServerSettings(_Model):
     closed. Keep the process's open-file limit (``ulimit -n``) above it."""
 
 
+class EventsSettings(_Model):
+    """How long events are kept, and how much the sweep prunes at a time (``retention``)."""
+
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    """Events older than this are deleted, with their finished webhook deliveries."""
+    refreshed_retention_days: int = Field(default=3, ge=1, le=3650)
+    """``refreshed`` events (nearly all of them at scale) are deleted sooner."""
+    prune_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    """Events deleted per transaction."""
+    prune_batches_per_sweep: int = Field(default=20, ge=1, le=1000)
+    """Transactions per sweep at most: the sweep's pruning work is bounded."""
+
+    @model_validator(mode="after")
+    def _refreshed_not_longer(self) -> EventsSettings:
+        if self.refreshed_retention_days > self.retention_days:
+            raise ValueError(
+                f"refreshed_retention_days ({self.refreshed_retention_days}) must not exceed "
+                f"retention_days ({self.retention_days})"
+            )
+        return self
+
+
 class RawSettings(_Model):
     """config.yaml as written (providers not yet resolved against the catalog)."""
 
@@ -132,6 +155,7 @@ class RawSettings(_Model):
     auth: AuthSettings = AuthSettings()
     refresh: RefreshSettings = RefreshSettings()
     server: ServerSettings = ServerSettings()
+    events: EventsSettings = EventsSettings()
     webhooks: list[WebhookSettings] = []
     providers: dict[str, dict[str, Any] | None] = {}
     catalog_paths: list[Path] = []

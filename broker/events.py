@@ -12,6 +12,7 @@ No event holds a secret: kinds, names, statuses and error codes only.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -56,6 +57,10 @@ KINDS = (
     "corrupt",
 )
 MAX_ATTEMPTS = 8
+DELIVERY_TIMEOUT = 10.0
+"""Seconds one delivery attempt may take, all of it (not per read)."""
+CLAIM_MARGIN = 5.0
+"""Seconds a delivery's claim outlasts its attempt by."""
 # Built once, parameters bound per call: no statement built, no cache key computed and no
 # ORM bulk-insert machinery per event (events are written on every refresh).
 _INSERT_EVENT = insert(events_table)
@@ -176,16 +181,41 @@ async def list_events(
     return [event_dict(e) for e in rows]
 
 
-async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
-    """Send the webhook deliveries that are due; return how many succeeded.
+def claim_covers(held_until: datetime, now: datetime, *, timeout: float, margin: float) -> bool:
+    """Whether a claim held until ``held_until`` outlasts an attempt starting ``now`` (at most
+    ``timeout`` seconds) with half the ``margin`` to spare for recording its outcome."""
+    return (held_until - now).total_seconds() >= timeout + margin / 2
 
-    A batch is claimed for 5 minutes; ``limit`` x the 10 s timeout stays under that, so
-    another replica does not send the same delivery while this one is still trying.
+
+async def deliver_due(
+    broker: Broker,
+    *,
+    limit: int = 20,
+    attempt_timeout: float = DELIVERY_TIMEOUT,
+    claim_margin: float = CLAIM_MARGIN,
+) -> int:
+    """Send the webhook deliveries that are due, one after another; return how many
+    succeeded.
+
+    A delivery is claimed by pushing its ``next_attempt_at`` out, so no other replica finds
+    it due; the time it is pushed to identifies the claim (each claim pushes it past the
+    last one's). An attempt takes at most ``attempt_timeout`` seconds as a whole
+    (connecting, sending and reading the answer: a receiver trickling its answer is cut
+    off), and starts only under a claim that outlasts it by ``claim_margin / 2`` at least:
+    the batch is claimed for ``attempt_timeout + claim_margin``, and a delivery whose turn
+    comes later has its claim renewed first. A claim lost meanwhile (it ran out, and
+    another replica claimed the delivery) means the delivery is skipped here. So a delivery
+    is never sent twice while an attempt at it is running. The outcome is recorded only
+    under the claim too. A timed-out attempt may still have reached the receiver: it is
+    retried later, like any failed one (receivers dedupe by event id).
     """
     hooks = {h.url: h.secret.get_secret_value() for h in broker.settings.webhooks}
     if not hooks:
         return 0
+    timeout, margin = attempt_timeout, claim_margin
+    claim = timedelta(seconds=timeout + margin)
     now = broker.now()
+    held_until = now + claim
     async with broker.session() as db, db.begin():
         # Claim: push the due rows' next attempt out, so another replica skips them.
         due = select(WebhookDelivery.id).where(WebhookDelivery.next_attempt_at <= now)
@@ -196,7 +226,7 @@ async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
             await db.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id.in_(due.scalar_subquery()))
-                .values(next_attempt_at=now + timedelta(minutes=5))
+                .values(next_attempt_at=held_until)
                 .returning(WebhookDelivery.id, WebhookDelivery.event_id, WebhookDelivery.url,
                            WebhookDelivery.attempts)
             )
@@ -207,9 +237,17 @@ async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
                 select(Event).where(Event.id.in_([c.event_id for c in claimed]))
             )
         }
+    if not claimed:
+        return 0  # and no HTTP client (building its TLS context is the costly part) either
     delivered = 0
-    async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as http:
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
         for delivery_id, event_id, url, attempts in claimed:
+            held = held_until
+            if not claim_covers(held, broker.now(), timeout=timeout, margin=margin):
+                renewed = await _renew_claim(broker, delivery_id, held, broker.now() + claim)
+                if renewed is None:
+                    continue  # our claim ran out and another replica has the delivery now
+                held = renewed
             secret = hooks.get(url)
             event = events.get(event_id)
             error: str | None = None
@@ -222,11 +260,14 @@ async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
                     SIGNATURE_HEADER: sign(secret, int(broker.now().timestamp()), body),
                 }
                 try:
-                    response = await http.post(url, content=body, headers=headers)
+                    async with asyncio.timeout(timeout):
+                        response = await http.post(url, content=body, headers=headers)
                     if not response.is_success:
                         error = f"HTTP {response.status_code}"
                 except httpx.HTTPError as exc:
                     error = type(exc).__name__
+                except TimeoutError:
+                    error = "timeout"
             attempts += 1
             values: dict[str, Any]
             if error is None:
@@ -243,7 +284,23 @@ async def deliver_due(broker: Broker, *, limit: int = 20) -> int:
             async with broker.session() as db, db.begin():
                 await db.execute(
                     update(WebhookDelivery)
-                    .where(WebhookDelivery.id == delivery_id)
+                    .where(WebhookDelivery.id == delivery_id,
+                           WebhookDelivery.next_attempt_at == held)
                     .values(attempts=attempts, **values)
                 )
     return delivered
+
+
+async def _renew_claim(
+    broker: Broker, delivery_id: int, held: datetime, until: datetime
+) -> datetime | None:
+    """Push our claim on a delivery (its ``next_attempt_at`` is still ``held``) out to
+    ``until``; None when it is not ours any more."""
+    async with broker.session() as db, db.begin():
+        result = await db.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.next_attempt_at == held)
+            .values(next_attempt_at=until)
+            .returning(WebhookDelivery.id)
+        )
+        return until if result.first() is not None else None

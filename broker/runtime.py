@@ -9,6 +9,8 @@
 2. Every stored row's key id must belong to a configured key, or the broker refuses to start
    and says how many rows are sealed under which unknown key.
 3. Pending migrations are applied.
+4. Connections parked while their provider was disabled (the sweep parks a due connection
+   whose provider it does not have) are due again if this broker has the provider.
 """
 
 from __future__ import annotations
@@ -101,9 +103,23 @@ class Broker:
             await database.dispose()
             raise
         broker = cls(settings, keyring, database, registry, nodes)
-        await broker.calibrate_clock()
+        try:
+            await broker.calibrate_clock()
+            await broker._resume_parked()
+        except BaseException:
+            await broker.close()
+            raise
         Broker._current = broker
         return broker
+
+    async def _resume_parked(self) -> None:
+        """Step 4 of ``open``: the providers enabled here get their parked connections back."""
+        async with self.session() as db, db.begin():
+            resumed = await self.repository.resume_parked(
+                db, [integration.key for integration in self.registry]
+            )
+        if resumed:
+            log.info("%d connection(s) of providers enabled again are due for refresh", resumed)
 
     async def calibrate_clock(self) -> timedelta:
         """Measure this machine's clock against PostgreSQL's (SQLite shares the machine's)."""

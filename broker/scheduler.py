@@ -4,8 +4,10 @@ Every ``refresh.interval_seconds`` the sweep leases batches of connections whose
 ``next_refresh_at`` has come (``Repository.claim_due``: an index range scan; ``SKIP LOCKED``
 on PostgreSQL so replicas take disjoint batches) and refreshes them through the same
 single-flight path as on-demand requests, at most ``refresh.max_concurrency`` at a time.
-Then it sends due webhook deliveries. One job, never one job per connection; APScheduler
-runs at most one instance of it at a time and coalesces missed runs.
+Then it sends due webhook deliveries, and deletes what has outlived its use: events past
+their retention (a bounded amount per sweep: ``retention``), sign-in flows and connect
+sessions whose time ran out. One job, never one job per connection; APScheduler runs at
+most one instance of it at a time and coalesces missed runs.
 
 Beside it, ``lapses.LapseWatch`` brings the sweep forward when a lease another holder left
 behind (it stopped mid-refresh) runs out, so that refresh is retried at once, not up to an
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -28,13 +30,14 @@ from .errors import BrokerError
 from .events import deliver_due
 from .lapses import LapseWatch
 from .oauth.flows import FLOW_TTL, prune_flows
+from .retention import Pruned, prune
 from .sessions import prune_sessions
 from .store.models import Connection
 
 if TYPE_CHECKING:
     from .runtime import Broker
 
-__all__ = ["Refresher", "SweepResult", "sweep"]
+__all__ = ["Refresher", "SweepResult", "prune_expired", "sweep"]
 
 log = logging.getLogger("broker.refresh")
 SWEEP_JOB = "broker-refresh-sweep"
@@ -48,6 +51,8 @@ class SweepResult:
     failed: int = 0
     """Connections whose refresh failed, including those whose still-valid token was kept."""
     delivered: int = 0
+    pruned: Pruned = field(default_factory=Pruned)
+    """Events and webhook deliveries deleted by retention (``prune_expired``)."""
     pruned_flows: int = 0
     """Sign-in flows (and unredeemed tickets) removed because their time ran out."""
     pruned_sessions: int = 0
@@ -80,12 +85,9 @@ async def sweep(
     async def one(row: Connection) -> None:
         group_id, key = row.group_id, row.integration
         if key not in broker.registry:
-            # The provider was disabled: stop scheduling it until it comes back.
+            # The provider was disabled: park it until a broker with the provider opens.
             async with broker.session() as db, db.begin():
-                await broker.repository.release(
-                    db, group_id, key, owner=credentials.owner,
-                    values={"next_refresh_at": None},
-                )
+                await broker.repository.park(db, group_id, key, owner=credentials.owner)
             return
         try:
             if await credentials.refresh_claimed(group_id, broker.registry.get(key), row):
@@ -164,11 +166,31 @@ async def sweep(
         raise claim_failed
     if stop is None or not stop.is_set():
         result.delivered = await deliver_due(broker)
-        result.pruned_flows, result.pruned_sessions = await prune_expired(broker)
+        await prune_expired(broker, result)
     return result
 
 
-async def prune_expired(broker: Broker, *, limit: int = 1000) -> tuple[int, int]:
+async def prune_expired(broker: Broker, result: SweepResult) -> None:
+    """The sweep's last step: delete events past their retention (and their finished
+    webhook deliveries), bounded per sweep (see ``retention``), and sign-in flows and
+    connect sessions whose time ran out. Counts go in ``result``. A failing database is
+    logged, not raised: the refreshes are done, and the next sweep prunes instead."""
+    try:
+        result.pruned = await prune(broker)
+        result.pruned_flows, result.pruned_sessions = await prune_flows_and_sessions(broker)
+    except (DBAPIError, OSError) as exc:
+        log.warning("pruning failed (%s); the next sweep tries again", type(exc).__name__)
+        result.pruned.complete = False
+        return
+    pruned = result.pruned
+    if pruned.events:
+        log.info(
+            "retention: deleted %d events and %d webhook deliveries%s",
+            pruned.events, pruned.deliveries, "" if pruned.complete else " (more next sweep)",
+        )
+
+
+async def prune_flows_and_sessions(broker: Broker, *, limit: int = 1000) -> tuple[int, int]:
     """Remove sign-in flows and connect sessions whose time ran out (at most ``limit`` of
     each per sweep: they are capped per session where they are made, so a sweep every
     ``refresh.interval_seconds`` keeps up). Flows stay ``FLOW_TTL`` past their expiry, so

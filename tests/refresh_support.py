@@ -297,15 +297,18 @@ async def refreshers(
 @dataclass
 class WebhookReceiver:
     """A real HTTP endpoint on 127.0.0.1 recording every POST; ``statuses`` are answered
-    in order (then 200)."""
+    in order (then 200), each ``delay`` seconds after the request was read."""
 
     statuses: list[int] = field(default_factory=list)
     received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
     url: str = ""
+    delay: float = 0.0
 
     def app(self) -> Starlette:
         async def hook(request: Request) -> Response:
             body = await request.body()
+            if self.delay:
+                await asyncio.sleep(self.delay)
             status = self.statuses.pop(0) if self.statuses else 200
             self.received.append(({k.lower(): v for k, v in request.headers.items()}, body, status))
             return PlainTextResponse("ok" if status < 400 else "no", status_code=status)

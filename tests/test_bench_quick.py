@@ -2,7 +2,8 @@
 
 No timing is asserted here (the machines CI runs on are shared and noisy): only that each
 benchmark completes, that every due connection is refreshed exactly once, and that a burst
-of 1,000 callers for one expired connection makes exactly one token request.
+of 1,000 callers for one expired connection makes exactly one token request, and that
+pruning keeps the events table at what retention should leave.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst"}
+BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst", "retention"}
 
 
 def result(out: Path, name: str) -> dict[str, Any]:
@@ -68,3 +69,14 @@ def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None
     for burst in result(tmp_path, "burst")["results"]:
         assert burst["token_requests"] == 1, burst["mode"]
         assert burst["errors"] == 0, burst["mode"]
+
+    # 6. The hot queries read their indexes with a year of events; under a simulated steady
+    # state the events table holds what retention leaves, within the per-sweep budget.
+    for store, found in result(tmp_path, "retention")["summary"].items():
+        assert found["plans_ok"], store
+        assert found["claimed"] == 40, store
+        assert found["events"][1] > 30 * found["events"][0], store
+        steady = found["steady"]
+        assert found["bounded"] and steady["final_rows"] >= steady["bound"] * 0.95, steady
+        assert steady["final_rows"] < steady["unpruned"] / 5, steady
+        assert steady["budget_hit"] == 0 and steady["max_batches"] <= steady["budget"], steady

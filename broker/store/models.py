@@ -21,7 +21,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "Connection"]
+__all__ = ["PARKED", "Base", "Connection"]
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -61,6 +61,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime}
+
+
+# ``next_refresh_at`` of a connection whose provider was not enabled when it fell due: far
+# past any real time (never due), and in a range of the index of its own, so a broker that
+# has the provider again finds exactly these rows (``Repository.resume_parked``).
+PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 class Connection(Base):
@@ -151,7 +157,11 @@ class Event(Base):
     """Something that happened to a connection. Never holds a secret."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_group_id_id", "group_id", "id"),)
+    __table_args__ = (
+        Index("ix_events_group_id_id", "group_id", "id"),
+        # Retention: the oldest events of a kind, as an index range (``retention``).
+        Index("ix_events_kind_created_at", "kind", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     group_id: Mapped[str] = mapped_column(String(128))
@@ -165,7 +175,11 @@ class WebhookDelivery(Base):
     """One event to deliver to one configured webhook URL (an outbox row)."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),
+        # Retention: an event's deliveries, checked and deleted with it.
+        Index("ix_webhook_deliveries_event_id", "event_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     event_id: Mapped[int] = mapped_column(BigId)

@@ -7,7 +7,7 @@ transaction, so a route that fails halfway leaves nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ..crypto import Keyring
 from ..errors import CredentialCorrupt
 from ..events import Recorded, record, record_many
-from .models import Connection, connections_table
+from .models import PARKED, Connection, connections_table
 
 if TYPE_CHECKING:
     from ..config import WebhookSettings
@@ -414,6 +414,35 @@ class Repository:
             .execution_options(synchronize_session=False)
         )
         return result.first() is not None
+
+    async def park(self, db: AsyncSession, group_id: str, integration: str, *, owner: str) -> bool:
+        """Give the lease back and stop scheduling the connection (its provider is not
+        enabled here) until a broker that has the provider resumes it."""
+        return await self.release(
+            db, group_id, integration, owner=owner, values={"next_refresh_at": PARKED}
+        )
+
+    async def resume_parked(self, db: AsyncSession, integrations: Collection[str]) -> int:
+        """Make the parked connections of ``integrations`` due now; how many there were.
+
+        Walks only the parked range of ``ix_connections_next_refresh_at`` (and takes no
+        write lock when none of those rows is for ``integrations``). They were parked when
+        they fell due, so they are due still.
+        """
+        if not integrations:
+            return 0
+        parked = (
+            Connection.next_refresh_at >= PARKED, Connection.integration.in_(list(integrations))
+        )
+        if await db.scalar(select(Connection.id).where(*parked).limit(1)) is None:
+            return 0
+        result = await db.execute(
+            update(Connection)
+            .where(*parked)
+            .values(next_refresh_at=self.clock())
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     async def _row(self, db: AsyncSession, group_id: str, integration: str) -> Connection | None:
         row: Connection | None = await db.scalar(
