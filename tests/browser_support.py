@@ -22,10 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from broker.crypto import generate_key
-from tests.support import loopback_socket, url_of
+from tests.support import loopback_socket, url_of, yaml_text
 
 CHROMIUM = os.environ.get("BROKER_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -99,7 +98,7 @@ def start_serve(
         **settings,
     }
     path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml_text(config))
     log = tmp / "serve.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", str(port)],

@@ -16,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from sqlalchemy.engine import make_url
 
 from broker.config import Settings, load_settings
 from broker.crypto import generate_key
 from broker.runtime import Broker
 from broker.web import create_app
+from tests.support import yaml_text
 
 pytest_plugins = ["tests.authserver.fixture"]
 
@@ -97,7 +97,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         }
         data.update(overrides)
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(data))
+        path.write_text(yaml_text(data))
         return load_settings(path, env={})
 
     return make

@@ -8,7 +8,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
+import yaml
 from starlette.types import ASGIApp
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def yaml_text(data: object) -> str:
+    """``data`` as YAML the broker accepts: PyYAML writes a value that appears twice (one
+    list object under two providers, say) as an anchor and an alias, and the broker refuses
+    aliases in its YAML files. This writes every value out in full."""
+    return yaml.dump(data, Dumper=_NoAliases, allow_unicode=True, sort_keys=False)
 
 
 def loopback_socket() -> socket.socket:

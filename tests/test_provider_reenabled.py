@@ -8,11 +8,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import text, update
+from alembic import command
+from sqlalchemy import update
 
 from broker.config import Settings
 from broker.runtime import Broker
 from broker.scheduler import sweep
+from broker.store.database import _alembic_config
 from broker.store.models import PARKED, Connection
 from tests import refresh_support
 from tests.refresh_support import connect, rows
@@ -71,11 +73,14 @@ async def test_connections_parked_by_an_older_version_resume_after_the_upgrade(
         row, first = (await rows(live.broker))["g1"]
         assert row.next_refresh_at is not None
         due = row.next_refresh_at - live.broker.now() + timedelta(seconds=30)
+        # The schema as the version before 0005 left it (Alembic's own downgrade), and a
+        # row that version parked.
+        async with live.broker.database.engine.begin() as conn:
+            await conn.run_sync(downgrade_to, "0004")
         async with live.broker.session() as db, db.begin():
             await db.execute(
                 update(Connection).where(Connection.group_id == "g1").values(next_refresh_at=None)
             )
-            await db.execute(text("UPDATE alembic_version SET version_num = '0003'"))
 
         upgraded = await Broker.open(live.broker.settings)  # applies 0005
         try:
@@ -86,3 +91,9 @@ async def test_connections_parked_by_an_older_version_resume_after_the_upgrade(
             await upgraded.close()
         _, token = (await rows(live.broker))["g1"]
         assert token["access_token"] != first["access_token"]
+
+
+def downgrade_to(conn: Any, revision: str) -> None:
+    cfg = _alembic_config()
+    cfg.attributes["connection"] = conn
+    command.downgrade(cfg, revision)
