@@ -7,6 +7,7 @@ provider whether the credential works) before storing it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,11 +109,14 @@ async def verify_credential(
     owned = client is None
     http = client or httpx.AsyncClient(timeout=spec.verify.timeout_seconds)
     try:
-        async with http.stream(
+        # httpx's timeout is per read: a server dripping its headers a byte at a time would
+        # hold the request (and the user's connect) for as long as it liked. The whole
+        # request gets ``timeout_seconds``.
+        async with asyncio.timeout(spec.verify.timeout_seconds), http.stream(
             spec.verify.method, url, headers=headers, follow_redirects=False
         ) as response:
             status = response.status_code
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, TimeoutError) as exc:
         raise ProviderUnreachable(
             f"Could not reach {spec.display_name} to check the credential "
             f"({type(exc).__name__}). Try again later."

@@ -27,12 +27,12 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
-from .events import deliver_due
 from .lapses import LapseWatch
 from .oauth.flows import FLOW_TTL, prune_flows
 from .retention import Pruned, prune
 from .sessions import prune_sessions
 from .store.models import Connection
+from .webhooks import deliver_due
 
 if TYPE_CHECKING:
     from .runtime import Broker

@@ -16,10 +16,10 @@ from typing import Any
 from sqlalchemy import select
 
 from broker.config import Settings
-from broker.events import claim_covers, deliver_due
 from broker.integrations import Group, register_custom_integration
 from broker.runtime import Broker
 from broker.store.models import WebhookDelivery
+from broker.webhooks import claim_covers, deliver_due
 from tests.refresh_support import WebhookReceiver
 
 SECRET = "whsec-0123456789abcdef-test"

@@ -14,11 +14,11 @@ from conftest import SERVICE_TOKEN
 from sqlalchemy import select
 
 from broker.errors import IntegrationNeedsReauth
-from broker.events import SIGNATURE_HEADER, deliver_due, sign, verify_signature
 from broker.nodes import ExecutionContext
 from broker.runtime import Broker
 from broker.scheduler import sweep
 from broker.store.models import WebhookDelivery
+from broker.webhooks import SIGNATURE_HEADER, deliver_due, sign, verify_signature
 from tests import refresh_support
 from tests.oauth_support import Live
 from tests.refresh_support import WebhookReceiver, connect, rows
@@ -186,3 +186,33 @@ def test_signature_format() -> None:
     assert not verify_signature(SECRET, header, body, now=1_699_999_600)  # from the future
     for broken in ("", "t=abc,v1=00", "v1=00", "t=1700000000", header.replace("v1=", "v1=0")):
         assert not verify_signature(SECRET, broken, body, now=1_700_000_000)
+
+
+async def test_deliveries_left_when_every_webhook_is_removed_are_given_up(
+    broker: Broker, make_settings: Callable[..., Any]
+) -> None:
+    """Pending deliveries keep their events from being pruned: with no webhook configured
+    any more, the next delivery pass gives them up instead of leaving them forever."""
+    from broker.events import record
+
+    hooked = await Broker.open(make_settings(
+        database_url=broker.settings.database_url,
+        encryption_keys=[k.get_secret_value() for k in broker.settings.encryption_keys],
+        webhooks=[{"url": "https://hooks.invalid/broker", "secret": SECRET}],
+    ))
+    try:
+        async with hooked.session() as db, db.begin():
+            for n in range(3):
+                await record(db, group_id=f"g{n}", integration="openweathermap",
+                             kind="connected", now=hooked.now(),
+                             webhooks=hooked.settings.webhooks)
+    finally:
+        await hooked.close()
+    assert [d.status for d in await deliveries(broker)] == ["pending"] * 3
+
+    assert broker.settings.webhooks == []
+    assert await deliver_due(broker) == 0
+    left = await deliveries(broker)
+    assert [(d.status, d.next_attempt_at, d.last_error) for d in left] == [
+        ("failed", None, "webhook no longer configured")
+    ] * 3

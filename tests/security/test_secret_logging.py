@@ -34,12 +34,12 @@ from starlette.routing import Route
 
 from broker import cli
 from broker.config import ServerSettings, Settings
-from broker.events import MAX_ATTEMPTS, deliver_due
 from broker.oauth.flows import _FLOW_SCOPE, hash_secret
 from broker.runtime import Broker
 from broker.scheduler import sweep
 from broker.store.models import Connection, ConnectSession, OAuthFlow, WebhookDelivery
 from broker.web import create_app, server
+from broker.webhooks import MAX_ATTEMPTS, deliver_due
 from tests import logging_support, oauth_support
 from tests.oauth_support import Live, page_data, query_param
 from tests.security import security_support as sec

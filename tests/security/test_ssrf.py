@@ -8,6 +8,7 @@ go through the real trigger route. Load-time refusals go through the real config
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -209,7 +210,6 @@ async def test_allowed_hosts_admit_a_host_forming_template_and_refuse_other_host
             f"http://{{host}}:{server.port}/me",
             host={"title": "Host", "secret": False, "pattern": "^[a-z0-9.]+$"},
         )
-        provider["allowed_hosts"] = ["127.0.0.1"]
         async with broker_with(make_settings, store_url, provider) as broker:
             r = await connect(broker, {"api_key": KEY, "host": "localhost"})
             assert r.status_code == 422, r.text
@@ -334,3 +334,45 @@ async def test_a_verify_redirect_is_not_followed(
             assert await connections(broker) == 0
         await elsewhere.settle()
     assert elsewhere.connections == 0
+
+
+async def test_a_verify_answer_dripped_a_byte_at_a_time_is_cut_off_at_the_timeout(
+    store_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    """httpx's timeout is per read: a status line and headers sent a byte every 50 ms would
+    have held the connect open for as long as the server liked (here about 20 s). The whole
+    verify request gets ``timeout_seconds`` (1 s)."""
+    head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 400 + b"\r\nContent-Length: 0\r\n\r\n"
+    sent = 0
+    finished = asyncio.Event()
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            for byte in head:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                sent += 1
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            finished.set()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        provider = apikey_provider(f"http://127.0.0.1:{port}/me")
+        provider["verify"]["timeout_seconds"] = 1
+        async with broker_with(make_settings, store_url, provider) as broker:
+            r = await connect(broker, {"api_key": KEY})
+            assert r.status_code == 502, r.text
+            assert r.json()["error"]["code"] == "provider_unreachable"
+            assert await connections(broker) == 0
+        await asyncio.wait_for(finished.wait(), 10)  # the server saw the client go
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert 0 < sent < len(head) // 2, sent
