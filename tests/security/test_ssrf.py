@@ -210,6 +210,7 @@ async def test_allowed_hosts_admit_a_host_forming_template_and_refuse_other_host
             f"http://{{host}}:{server.port}/me",
             host={"title": "Host", "secret": False, "pattern": "^[a-z0-9.]+$"},
         )
+        provider["allowed_hosts"] = ["127.0.0.1"]
         async with broker_with(make_settings, store_url, provider) as broker:
             r = await connect(broker, {"api_key": KEY, "host": "localhost"})
             assert r.status_code == 422, r.text
