@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from conftest import PG_ENV, reset_postgres
 from sqlalchemy import event, func, select, text, update
 
 from broker.config import EventsSettings, Settings, WebhookSettings
@@ -299,14 +300,21 @@ async def test_replicas_prune_side_by_side_without_counting_twice(
         await b.close()
 
 
+@pytest.fixture
+async def postgres_url(pg_server_url: str | None) -> str:
+    """PostgreSQL only (SQLite has one writer: a second pruner simply waits its turn)."""
+    if pg_server_url is None:
+        pytest.skip(f"PostgreSQL case: set {PG_ENV} to run it")
+    await reset_postgres(pg_server_url)
+    return pg_server_url
+
+
 async def test_a_pruner_skips_event_rows_another_transaction_holds(
-    store_url: str, make_settings: Callable[..., Settings]
+    postgres_url: str, make_settings: Callable[..., Settings]
 ) -> None:
     """PostgreSQL: rows locked by another transaction (another replica's batch) are skipped,
     not waited for; they go in a later batch."""
-    if store_url.startswith("sqlite"):
-        pytest.skip("SQLite has one writer: a second pruner waits its turn (Database.write)")
-    settings = make_settings(database_url=store_url)
+    settings = make_settings(database_url=postgres_url)
     broker = await Broker.open(settings)
     try:
         held = [await add_event(broker, "refreshed", 5 * DAY) for _ in range(3)]
