@@ -27,7 +27,6 @@ changes are posted to its parent or opener as ``{"type": "broker:connect", "inte
 
 from __future__ import annotations
 
-import html
 import re
 import unicodedata
 from datetime import timedelta
@@ -41,7 +40,7 @@ from ..sessions import create_session
 from .auth import principal, require_service
 from .bodies import read_json_object
 from .context import GROUP_ID_MESSAGE, NO_STORE, broker_of
-from .pages import _json_for_script
+from .pages import page
 
 __all__ = ["connect_page", "create_connect_session", "current_session", "workspace_name"]
 
@@ -158,21 +157,9 @@ async def connect_page(request: Request) -> Response:
     broker = broker_of(request)
     settings = broker.settings
     frame = list(settings.auth.allowed_origins)
-    data = {"origin": settings.public_origin, "allowed_origins": frame}
-    page = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{html.escape("Integrations")}</title>
-<link rel="stylesheet" href="/static/connect.css">
-<script type="application/json" id="broker-connect">{_json_for_script(data)}</script>
-<script src="/static/connect.js" defer></script>
-</head>
-<body>
-{PAGE_BODY}
-</body>
-</html>
-"""
-    return HTMLResponse(page, headers=_headers(frame))
+    text = page(
+        title="Integrations", stylesheet="connect.css", data_id="broker-connect",
+        data={"origin": settings.public_origin, "allowed_origins": frame},
+        scripts=["connect.js"], body=PAGE_BODY,
+    )
+    return HTMLResponse(text, headers=_headers(frame))

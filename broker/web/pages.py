@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.responses import HTMLResponse
 
-__all__ = ["PAGE_HEADERS", "result_page", "start_page"]
+__all__ = ["PAGE_HEADERS", "page", "result_page", "start_page"]
 
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -42,6 +42,30 @@ def _json_for_script(value: Any) -> str:
     )
 
 
+def page(
+    *, title: str, stylesheet: str, data_id: str, data: Any, scripts: list[str], body: str
+) -> str:
+    """A page of the broker's own: ``data`` in a JSON block with id ``data_id`` (read by
+    ``scripts``, served from ``/static/``), ``body`` as given (already escaped)."""
+    tags = "\n".join(f'<script src="/static/{name}" defer></script>' for name in scripts)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{html.escape(title)}</title>
+<link rel="stylesheet" href="/static/{stylesheet}">
+<script type="application/json" id="{data_id}">{_json_for_script(data)}</script>
+{tags}
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
+
+
 def result_page(
     *,
     integration: str | None,
@@ -61,34 +85,22 @@ def result_page(
     }
     data = {"message": payload, "targets": targets}
     title = "Connected" if status == "connected" else "Could not connect"
-    name = html.escape(display_name or integration or "the integration")
     back = (
         f'<p class="back"><a href="{html.escape(return_to, quote=True)}">Go back</a></p>'
         if return_to
         else '<p class="back">You can close this window.</p>'
     )
-    body = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{title} · {name}</title>
-<link rel="stylesheet" href="/static/broker.css">
-<script type="application/json" id="broker-result">{_json_for_script(data)}</script>
-<script src="/static/popup.js" defer></script>
-<script src="/static/oauth-result.js" defer></script>
-</head>
-<body>
-<main class="result {html.escape(status)}" role="main">
+    body = f"""<main class="result {html.escape(status)}" role="main">
 <h1>{title}</h1>
 <p id="message">{html.escape(message)}</p>
 {back}
-</main>
-</body>
-</html>
-"""
-    return HTMLResponse(body, status_code=status_code, headers=PAGE_HEADERS)
+</main>"""
+    text = page(
+        title=f"{title} · {display_name or integration or 'the integration'}",
+        stylesheet="broker.css", data_id="broker-result", data=data,
+        scripts=["popup.js", "oauth-result.js"], body=body,
+    )
+    return HTMLResponse(text, status_code=status_code, headers=PAGE_HEADERS)
 
 
 def start_page(*, origin: str, targets: list[str]) -> HTMLResponse:
@@ -99,25 +111,13 @@ def start_page(*, origin: str, targets: list[str]) -> HTMLResponse:
     this origin, and goes on to the provider. Opened from a link, it has no opener to ask
     and does nothing.
     """
-    data = {"origin": origin, "targets": targets}
-    body = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>Connecting…</title>
-<link rel="stylesheet" href="/static/broker.css">
-<script type="application/json" id="broker-start">{_json_for_script(data)}</script>
-<script src="/static/popup.js" defer></script>
-<script src="/static/oauth-start.js" defer></script>
-</head>
-<body>
-<main class="result starting" role="main">
+    body = """<main class="result starting" role="main">
 <h1 id="title">Connecting…</h1>
 <p id="message">Waiting for the app that opened this window.</p>
-</main>
-</body>
-</html>
-"""
-    return HTMLResponse(body, headers=START_HEADERS)
+</main>"""
+    text = page(
+        title="Connecting…", stylesheet="broker.css", data_id="broker-start",
+        data={"origin": origin, "targets": targets},
+        scripts=["popup.js", "oauth-start.js"], body=body,
+    )
+    return HTMLResponse(text, headers=START_HEADERS)
