@@ -18,17 +18,30 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .apispec import (
+    BEARER,
+    ApiSpec,
+    Apply,
+    Placement,
+    header_safe,
+    origin_placeholder,
+    stand_in,
+)
 from .errors import InvalidInput
+from .oauth.tokens import NODE_KEYS
 from .urltemplates import check_allowed_hosts, check_template, render_url, template_names
 
 __all__ = [
     "ApiKeyProvider",
+    "ApiSpec",
+    "Apply",
     "FieldSpec",
     "OAuth2ClientCredentialsProvider",
     "OAuth2Provider",
     "ProviderSpec",
     "builtin_catalog_dir",
     "find_provider_file",
+    "header_safe",
     "merge",
     "parse_provider",
     "render",
@@ -70,16 +83,6 @@ class FieldSpec(_Model):
         return self.pattern is None or re.fullmatch(self.pattern, value) is not None
 
 
-class Apply(_Model):
-    """How a credential goes on a request: header and query templates over the fields.
-
-    ``{api_key}`` in a template is replaced by the field ``api_key``.
-    """
-
-    headers: dict[str, str] = {}
-    query: dict[str, str] = {}
-
-
 class Verify(_Model):
     """A request that succeeds only with a working credential (checked at connect)."""
 
@@ -87,17 +90,6 @@ class Verify(_Model):
     url: str
     ok_status: list[int] = [200]
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-
-
-# RFC 9110 token: what a header name may be made of.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def header_safe(value: str) -> bool:
-    """Whether ``value`` can be sent as (part of) an HTTP header value: printable ASCII
-    and spaces only. Anything else is refused before a request is made: httpx cannot
-    encode other characters (a 500), and CR/LF would split the header."""
-    return all(" " <= c <= "~" for c in value)
 
 
 class Popup(_Model):
@@ -115,11 +107,79 @@ class ProviderBase(_Model):
     """Hosts the provider's URLs may reach once rendered (``api.example.com``, or
     ``*.example.com`` for any host under it). Needed only when a template lets a value
     form the host or put a dot in a host label; checked at every render when given."""
+    api: ApiSpec | None = None
+    """The provider's API, for ``ctx.client`` and the proxy route (see ``apispec``)."""
 
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
         return check_allowed_hosts(value)
+
+    def credential_names(self) -> set[str]:
+        """What a node gets of a connection: the names ``api.auth`` templates may use."""
+        return set()
+
+    def url_values(self) -> dict[str, FieldSpec]:
+        """The per-connection values ``api.base_url`` may use, with their patterns."""
+        return {}
+
+    def default_auth(self) -> Apply:
+        """How the credential goes on a request when ``api.auth`` does not say."""
+        return BEARER
+
+    def placement(self) -> Placement | None:
+        """The resolved ``api`` section, or None when the provider has none."""
+        api = self.api
+        if api is None:
+            return None
+        return Placement(
+            base_url=api.base_url,
+            headers=dict(api.headers),
+            auth=api.auth or self.default_auth(),
+            values=dict(api.values),
+            allowed_hosts=tuple(self.allowed_hosts),
+            refresh_on=frozenset(api.refresh_on),
+            retry_on=frozenset(api.retry_on),
+            retries=api.retries,
+            max_retry_wait=api.max_retry_wait_seconds,
+            wait_headers=tuple(api.wait_headers),
+            timeout=api.timeout_seconds,
+        )
+
+    @model_validator(mode="after")
+    def _check_api(self) -> ProviderBase:
+        api = self.api
+        if api is None:
+            return self
+        auth = api.auth or self.default_auth()
+        unknown = auth.names() - self.credential_names()
+        if unknown:
+            raise ValueError(
+                f"api.auth names {sorted(unknown)}, which a connection does not have "
+                f"(it has {sorted(self.credential_names())})"
+            )
+        fields = dict(self.url_values())
+        for name, pattern in api.values.items():
+            fields[name] = FieldSpec(title=name, secret=False, pattern=pattern)
+        origin = origin_placeholder(api.base_url)
+        try:
+            if origin is None:
+                check_template(api.base_url, fields, self.allowed_hosts)
+            else:
+                if origin not in fields or fields[origin].pattern is None:
+                    raise ValueError(
+                        f"api.base_url starts with {{{origin}}}: give it a pattern under "
+                        "api.values"
+                    )
+                if not self.allowed_hosts:
+                    raise ValueError(
+                        f"api.base_url starts with {{{origin}}}: list the hosts it may "
+                        "reach under allowed_hosts"
+                    )
+                check_template(stand_in(api.base_url), fields)
+        except ValueError as exc:
+            raise ValueError(f"api.base_url: {exc}") from None
+        return self
 
     def render_url(self, template: str, values: Mapping[str, str]) -> str:
         """``template`` rendered over ``values`` and checked against ``allowed_hosts``
@@ -144,35 +204,33 @@ class ApiKeyProvider(ProviderBase):
                 raise ValueError(f"field name {name!r} must match [a-z][a-z0-9_]*")
         return value
 
+    def credential_names(self) -> set[str]:
+        return set(self.fields)
+
+    def url_values(self) -> dict[str, FieldSpec]:
+        return dict(self.fields)
+
+    def default_auth(self) -> Apply:
+        return self.apply or Apply()
+
     @model_validator(mode="after")
     def _templates_name_fields(self) -> ApiKeyProvider:
         known = set(self.fields)
-        templates: list[str] = []
         if self.apply is not None:
-            templates += [*self.apply.headers.values(), *self.apply.query.values()]
-            for header, template in self.apply.headers.items():
-                if not _HEADER_NAME.fullmatch(header) or not header_safe(template):
-                    raise ValueError(
-                        f"apply.headers: {header!r} is not a header name, or its template "
-                        "is not printable ASCII"
-                    )
-        for template in templates:
-            missing = template_names(template) - known
+            missing = self.apply.names() - known
             if missing:
-                raise ValueError(
-                    f"template {template!r} names {sorted(missing)} which are not fields"
-                )
+                raise ValueError(f"apply names {sorted(missing)} which are not fields")
         if self.verify is not None:
             check_template(self.verify.url, self.fields, self.allowed_hosts)
         return self
 
     def header_fields(self) -> frozenset[str]:
-        """The fields whose values are applied to a request header."""
-        if self.apply is None:
-            return frozenset()
+        """The fields whose values are applied to a request header (by ``apply`` or by
+        ``api.auth``)."""
         names: set[str] = set()
-        for template in self.apply.headers.values():
-            names |= template_names(template)
+        for apply in (self.apply, self.api.auth if self.api else None):
+            for template in (apply.headers.values() if apply else ()):
+                names |= template_names(template)
         return frozenset(names)
 
     def verify_url(self, data: Mapping[str, str]) -> str:
@@ -283,6 +341,12 @@ class OAuth2Provider(ProviderBase, _TokenEndpoint):
             check_template(url, self.settings, self.allowed_hosts)
         return self
 
+    def credential_names(self) -> set[str]:
+        return {*NODE_KEYS, *self.settings, *self.extra_fields}
+
+    def url_values(self) -> dict[str, FieldSpec]:
+        return dict(self.settings)
+
     def urls(self) -> list[str]:
         return [
             u
@@ -297,6 +361,9 @@ class OAuth2ClientCredentialsProvider(ProviderBase, _TokenEndpoint):
     auth_type: Literal["oauth2_cc"]
     audience: bool = False
     """Whether users may give an ``audience`` (Auth0-style APIs)."""
+
+    def credential_names(self) -> set[str]:
+        return {*NODE_KEYS, *self.extra_fields}
 
     def header_fields(self) -> frozenset[str]:
         """The fields sent in a header: the client id and secret, with HTTP Basic."""
