@@ -123,6 +123,21 @@ class ServerSettings(_Model):
     closed. Keep the process's open-file limit (``ulimit -n``) above it."""
 
 
+class ProxySettings(_Model):
+    """Calls to providers' APIs: the proxy route and ``ctx.client`` (see ``broker.web.proxy``)."""
+
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """Connecting to a provider's API (the read timeout is the provider's
+    ``api.timeout_seconds``)."""
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """The largest request body the proxy forwards (413 past it); streamed, never held."""
+    buffer_bytes: int = Field(default=1024 * 1024, ge=0, le=64 * 1024 * 1024)
+    """Request bodies up to this size are held so that a request can be sent again (after
+    a refresh or a 429); a larger body is streamed and sent once."""
+    max_connections: int = Field(default=100, ge=1, le=100_000)
+    """Connections to providers' APIs at once, all providers together."""
+
+
 class EventsSettings(_Model):
     """How long events are kept, and how much the sweep prunes at a time (``retention``)."""
 
@@ -156,6 +171,7 @@ class RawSettings(_Model):
     refresh: RefreshSettings = RefreshSettings()
     server: ServerSettings = ServerSettings()
     events: EventsSettings = EventsSettings()
+    proxy: ProxySettings = ProxySettings()
     webhooks: list[WebhookSettings] = []
     providers: dict[str, dict[str, Any] | None] = {}
     catalog_paths: list[Path] = []

@@ -169,6 +169,36 @@ class Credentials:
             auth_type, data = await self._load(group_id, integration, use_cache=True)
         return _view(auth_type, data)
 
+    async def renew_rejected(
+        self, group_id: str, integration: Integration, rejected: str | None
+    ) -> dict[str, Any] | None:
+        """What a node gets after the provider refused the access token ``rejected``.
+
+        If the stored token is already another one (someone refreshed meanwhile), that one;
+        else a forced refresh, the one single flight every caller of this connection
+        shares. None when the connection's credential cannot be refreshed (an API key).
+        Raises as ``get`` does, and IntegrationNeedsReauth when the provider refuses the
+        refresh too.
+        """
+        key = integration.key
+        flight = (group_id, key)
+        if self._refreshes.running(flight):
+            return node_view((await self._refreshes.join(flight)).token)
+        async with self.broker.session() as db:
+            found = await self.broker.repository.get(db, group_id, key)
+        if found is None:
+            raise IntegrationNotConnected([key], group_id)
+        if found.info.auth_type not in TOKEN_TYPES:
+            return None
+        if found.info.status == "reauth_required":
+            raise IntegrationNeedsReauth(key, integration.name)
+        if found.data.get("access_token") != rejected:
+            return node_view(found.data)
+        token = await self.refresh(
+            group_id, integration, seen_version=found.info.version, force=True
+        )
+        return node_view(token)
+
     async def _load(
         self, group_id: str, integration: Integration, *, use_cache: bool, force: bool = False
     ) -> tuple[str, dict[str, Any]]:

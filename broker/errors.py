@@ -11,6 +11,7 @@
         ├── Forbidden                403 forbidden
         ├── NotFound                 404 not_found
         │   ├── UnknownIntegration   404 unknown_integration
+        │   ├── ApiNotDescribed      404 api_not_described (no ``api`` section to call)
         │   └── IntegrationNotConnected   404 integration_not_connected
         ├── IntegrationNeedsReauth   409 integration_needs_reauth
         ├── IntegrationUnavailable   503 integration_unavailable
@@ -18,6 +19,7 @@
         ├── InvalidInput             422 invalid_input (names the field at fault)
         ├── CredentialRejected       422 credential_rejected (the provider said no)
         ├── ProviderUnreachable      502 provider_unreachable
+        ├── ProviderTimeout          504 provider_timeout
         ├── ServiceUnavailable       503 service_unavailable
         └── CredentialCorrupt        500 credential_corrupt (a ciphertext that does not open
                                      for its row; names the connection, never the secret)
@@ -32,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 __all__ = [
+    "ApiNotDescribed",
     "BrokerError",
     "ConfigError",
     "CredentialCorrupt",
@@ -46,6 +49,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PluginError",
+    "ProviderTimeout",
     "ProviderUnreachable",
     "SchemaOutOfDate",
     "ServiceUnavailable",
@@ -146,6 +150,19 @@ class UnknownIntegration(NotFound):
         super().__init__(f"No integration named {name!r} is enabled.", integration=name)
 
 
+class ApiNotDescribed(NotFound):
+    """The integration's provider has no ``api`` section: the broker cannot call it."""
+
+    code = "api_not_described"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"The broker does not know the API of {name!r} (its provider has no api "
+            "section): get its credential with custom_integration instead.",
+            integration=name,
+        )
+
+
 class IntegrationNotConnected(NotFound):
     """Raised for a node, before ``call``, when integrations it needs are not connected."""
 
@@ -210,6 +227,11 @@ class CredentialRejected(HTTPError):
 class ProviderUnreachable(HTTPError):
     status_code = 502
     code = "provider_unreachable"
+
+
+class ProviderTimeout(HTTPError):
+    status_code = 504
+    code = "provider_timeout"
 
 
 class ServiceUnavailable(HTTPError):

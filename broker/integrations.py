@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
-from .errors import InvalidInput, PluginError, UnknownIntegration
+from .errors import ApiNotDescribed, InvalidInput, PluginError, UnknownIntegration
 
 if TYPE_CHECKING:
+    from .apispec import Placement
     from .catalog import ProviderBase
     from .runtime import Broker
 
@@ -134,6 +135,14 @@ class Integration:
     @property
     def auth_type(self) -> AuthType:
         return AuthType(self.integration.type)
+
+    def placement(self) -> Placement:
+        """The provider's ``api`` section, resolved; ApiNotDescribed when it has none
+        (a plugin's integration, or a provider file without ``api``)."""
+        placement = self.provider.placement() if self.provider is not None else None
+        if placement is None:
+            raise ApiNotDescribed(self.key)
+        return placement
 
 
 def fill_group(route: str, group_id: str) -> str:

@@ -12,6 +12,9 @@ and on another machine (it calls the credentials route with a service token):
     ctx = ExecutionContext.local(broker, group)
     ctx = ExecutionContext.remote("https://broker.internal", token, group)
 
+``ctx.client(name)`` calls the provider's API with the credential applied by the broker
+(in process directly, remotely through the proxy route: the node never holds the token).
+
 ``node.run(ctx, ...)`` checks that every integration in ``integrations`` is connected for
 the group and raises ``IntegrationNotConnected`` naming the missing ones before ``call``.
 """
@@ -23,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
+from .client import ConnectionHandle, ProviderClient
 from .errors import (
     HTTPError,
     IntegrationNotConnected,
@@ -30,6 +34,9 @@ from .errors import (
     UnknownIntegration,
     error_class,
 )
+
+PROXY_ERROR_HEADER = "Broker-Error"
+"""Set on the proxy route's own error answers (not the provider's), to the error code."""
 
 if TYPE_CHECKING:
     from .runtime import Broker
@@ -46,6 +53,11 @@ class CredentialSource(Protocol):
 
     async def missing(self, group_id: str, names: list[str]) -> list[str]: ...
 
+    def client(
+        self, group_id: str, name: str, *, retry_non_idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> httpx.AsyncClient: ...
+
 
 class LocalSource:
     """Reads the store of a broker in this process."""
@@ -60,6 +72,22 @@ class LocalSource:
 
     async def missing(self, group_id: str, names: list[str]) -> list[str]:
         return await self.broker.missing(group_id, names)
+
+    def client(
+        self, group_id: str, name: str, *, retry_non_idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> httpx.AsyncClient:
+        integration = self.broker.registry.get(name)
+        placement = integration.placement()
+        return ProviderClient(
+            ConnectionHandle(self.broker, group_id, integration), placement,
+            retry_non_idempotent=retry_non_idempotent,
+            timeout=httpx.Timeout(
+                placement.timeout if timeout is None else timeout,
+                connect=self.broker.settings.proxy.connect_timeout_seconds,
+            ),
+            transport=self.broker.api_transport,
+        )
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -85,6 +113,9 @@ class RemoteSource:
         self, base_url: str, token: str, *, client: httpx.AsyncClient | None = None
     ) -> None:
         self._client = client or httpx.AsyncClient(timeout=30.0)
+        # Clients made by ``client()`` share the given client's transport (tests pass one
+        # that reaches an app in process).
+        self._transport = client._transport if client is not None else None
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
 
@@ -114,6 +145,37 @@ class RemoteSource:
         credentials: dict[str, Any] = body["credentials"]
         return credentials
 
+    def client(
+        self, group_id: str, name: str, *, retry_non_idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> httpx.AsyncClient:
+        """A client whose calls go through the broker's proxy route: the broker applies
+        the credential (and refreshes and retries as the provider's ``api`` says), so
+        this process never holds it. The broker's own errors (not connected, needs
+        reauth, unreachable, timeout) are raised as the matching BrokerError; the
+        provider's answers, errors included, come back as they are."""
+        if retry_non_idempotent:
+            raise ValueError(
+                "retry_non_idempotent is decided by the broker's proxy, which never "
+                "retries a non-idempotent request"
+            )
+        base = (
+            f"{self._base}/groups/{quote(group_id, safe='')}/integrations/"
+            f"{quote(name, safe='')}/proxy/"
+        )
+
+        async def raise_broker_error(response: httpx.Response) -> None:
+            if PROXY_ERROR_HEADER in response.headers:
+                await response.aread()
+                _raise_for(response)
+
+        return httpx.AsyncClient(
+            base_url=base, headers=self._headers, follow_redirects=False,
+            timeout=120.0 if timeout is None else timeout,
+            transport=self._transport,
+            event_hooks={"response": [raise_broker_error]},
+        )
+
     async def missing(self, group_id: str, names: list[str]) -> list[str]:
         body = await self._get(f"/groups/{quote(group_id, safe='')}/integrations")
         statuses = {i["name"]: i["status"] for i in body["integrations"]}
@@ -140,6 +202,24 @@ class ExecutionContext:
         cls, base_url: str, token: str, group: Any, *, client: httpx.AsyncClient | None = None
     ) -> ExecutionContext:
         return cls(group, RemoteSource(base_url, token, client=client))
+
+    def client(
+        self, name: str, *, retry_non_idempotent: bool = False, timeout: float | None = None
+    ) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` for the provider's API of integration ``name``, used as
+        ``async with ctx.client("github") as gh: r = await gh.get("/user")``.
+
+        Its base URL is the provider's (from its ``api`` section and the connection's
+        values); the credential is applied by the broker, refreshed when the provider
+        says it is no longer good, and calls are retried as the ``api`` section says
+        (idempotent methods only, unless ``retry_non_idempotent``). In process the
+        client applies it itself; a remote context sends every call through the
+        broker's proxy route, so the node never holds the token. Raises
+        UnknownIntegration, or ApiNotDescribed for a provider without an ``api`` section.
+        """
+        return self.source.client(
+            self.group_id, name, retry_non_idempotent=retry_non_idempotent, timeout=timeout
+        )
 
     async def custom_integration(self, name: str, *, force_refresh: bool = False) -> dict[str, Any]:
         """The credential dict for integration ``name`` of this context's group.

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
+import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .client import SharedTransport
 from .config import Settings
 from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
@@ -63,6 +65,18 @@ class Broker:
         self.tokens = Credentials(self)
         # One keep-alive connection pool for every token request (see oauth.client).
         self.token_transport = client.token_transport()
+        # One pool for calls to providers' APIs (the proxy route and ctx.client).
+        self.api_transport = SharedTransport(
+            httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=settings.proxy.max_connections,
+                    max_keepalive_connections=min(settings.proxy.max_connections, 100),
+                )
+            )
+        )
+        # The proxy route sends requests it builds itself through this client (no default
+        # headers are added to them); trust_env off: no per-request proxy lookups.
+        self.api_client = httpx.AsyncClient(transport=self.api_transport, trust_env=False)
         database.info["broker"] = self
 
     @classmethod
@@ -142,6 +156,8 @@ class Broker:
     async def close(self) -> None:
         await self.tokens.cache.close()
         await self.token_transport.aclose()
+        await self.api_client.aclose()
+        await self.api_transport.close()
         await self.database.dispose()
         if Broker._current is self:
             Broker._current = None

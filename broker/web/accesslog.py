@@ -2,7 +2,8 @@
 
 uvicorn's access log prints the full request target, which here can hold a live connect
 session (``?session=bcs_...``) or an authorization code and state (the OAuth2 callback).
-This logs the method, the path, the status and the time taken — never the query.
+This logs the method, the path, the status and the time taken — never the query; for
+the proxy route, also the integration, the provider's status and the refreshes forced.
 
 The path is percent-decoded (``%0a`` is a newline by then) and none of it is trusted:
 control characters are escaped here (``escape_control``), so each request is one line
@@ -17,6 +18,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..logs import escape_control
+
+LOG_KEY = "broker.proxy"
+"""Where the proxy route leaves what its access log line adds (in the scope's state)."""
 
 __all__ = ["AccessLog"]
 
@@ -44,11 +48,22 @@ class AccessLog:
             await self.app(scope, receive, send_wrapper)
         finally:
             client = scope.get("client")
+            proxied = (scope.get("state") or {}).get(LOG_KEY)
             log.info(
-                '%s "%s %s" %d %.1fms',
+                '%s "%s %s" %d %.1fms%s',
                 escape_control(str(client[0])) if client else "-",
                 escape_control(scope.get("method", "-")),
                 escape_control(scope.get("path", "-")),
                 status,
                 (time.perf_counter() - started) * 1000,
+                _proxied(proxied) if proxied else "",
             )
+
+
+def _proxied(info: dict[str, object]) -> str:
+    """What a proxied call adds to its line: the integration, the provider's status (``-``
+    when it gave none) and the refreshes the call forced."""
+    return " integration={} upstream={} refreshes={}".format(
+        info.get("integration", "-"), info.get("upstream_status", "-"),
+        info.get("refreshes", 0),
+    )

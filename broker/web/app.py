@@ -16,6 +16,7 @@ Routes (S: service token; C: connect session for the group, as a bearer token; -
     S C POST /groups/{group_id}/integrations/{name}/authorize          a sign-in ticket
     S   GET  /groups/{group_id}/integrations/{name}/credentials
     S   GET  /groups/{group_id}/events
+    S   *    /groups/{group_id}/integrations/{name}/proxy/{path}     the provider's API
 
 The connect page and the sign-in popup live in ``connect`` and ``popup``; this module has
 the API routes, the error handlers and the app's assembly.
@@ -61,6 +62,7 @@ from .popup import (
     redeem,
     start_page_route,
 )
+from .proxy import proxy
 
 __all__ = ["create_app"]
 
@@ -278,6 +280,10 @@ def create_app(
               methods=["POST"]),
         Route("/groups/{group_id}/integrations/{name}/authorize", authorize_link),
         Route("/groups/{group_id}/events", events),
+        Route(
+            "/groups/{group_id}/integrations/{name}/proxy/{path:path}", proxy,
+            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        ),
         Route("/connect-sessions", create_connect_session, methods=["POST"]),
         Route("/connect-sessions/current", current_session),
         Route("/oauth/start", start_page_route),

@@ -1,0 +1,232 @@
+"""The proxy route: a provider's API through the broker, with the credential applied here.
+
+    S  *  /groups/{group_id}/integrations/{name}/proxy/{path}
+
+Service token only (a connect session gets 403). The request goes to
+``<base_url>/<path>?<query>`` with the caller's method, body and headers — minus
+hop-by-hop headers, ``Host``, the caller's ``Authorization``, ``Cookie`` and
+``Proxy-Authorization``, and ``Broker-*`` — plus the provider's static headers (unless the
+caller sent them) and the credential. The refresh and retry rules are the client's
+(``client.ProviderAuth``, ``retries``). The answer streams back as it came: status,
+headers minus hop-by-hop ones (and any header that would carry the credential back), the
+body as raw bytes (still compressed, if the provider compressed it).
+
+Both ways stream: a request body up to ``proxy.buffer_bytes`` is held (so it can be sent
+again after a refresh or a 429); a larger one is streamed to the provider as it arrives,
+sent once, and cut off with 413 past ``proxy.max_request_bytes``. Redirects are never
+followed. The path cannot leave the base URL (``apipaths``).
+
+The broker's own errors are JSON with the usual codes and a ``Broker-Error: <code>``
+header, so a caller can tell them from the provider's: 404 ``integration_not_connected``,
+404 ``api_not_described``, 409 ``integration_needs_reauth``, 422 ``invalid_input`` (a
+path that leaves the API), 413 ``payload_too_large``, 502 ``provider_unreachable``, 504
+``provider_timeout``. Nothing of a body or a header value is logged; the access log line
+gets the integration, the provider's status and the refreshes the call forced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..apipaths import join
+from ..apispec import Placement
+from ..client import ConnectionHandle, ProviderAuth
+from ..errors import (
+    HTTPError,
+    InvalidInput,
+    PayloadTooLarge,
+    ProviderTimeout,
+    ProviderUnreachable,
+)
+from ..nodes import PROXY_ERROR_HEADER
+from .accesslog import LOG_KEY
+from .auth import require_service
+from .context import NO_STORE, broker_of, group_id_of, integration_of
+
+__all__ = ["proxy", "request_headers", "response_headers"]
+
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length", "expect"}
+_PREFIX_SEGMENTS = 6  # "", "groups", {group_id}, "integrations", {name}, "proxy"
+
+
+def _named_in_connection(headers: list[tuple[str, str]]) -> set[str]:
+    named: set[str] = set()
+    for name, value in headers:
+        if name == "connection":
+            named |= {v.strip().lower() for v in value.split(",") if v.strip()}
+    return named
+
+
+def request_headers(
+    caller: list[tuple[str, str]], static: dict[str, str]
+) -> list[tuple[str, str]]:
+    """What goes to the provider of the caller's headers (names lowercased), and the
+    provider's static headers the caller did not send. Pure."""
+    drop = _NOT_FORWARDED | _named_in_connection(caller)
+    kept = [
+        (name, value) for name, value in caller
+        if name not in drop and not name.startswith("broker-")
+    ]
+    sent = {name for name, _ in kept}
+    kept += [(k.lower(), v) for k, v in static.items() if k.lower() not in sent]
+    return kept
+
+
+def response_headers(
+    upstream: list[tuple[str, str]], secrets: list[str]
+) -> list[tuple[str, str]]:
+    """What goes back to the caller of the provider's headers (names lowercased): no
+    hop-by-hop header, no ``Broker-*`` header, and none whose value holds a credential
+    value (a provider echoing it). Pure."""
+    drop = HOP_BY_HOP | _named_in_connection(upstream)
+    long_secrets = [s for s in secrets if len(s) >= 8]
+    return [
+        (name, value) for name, value in upstream
+        if name not in drop and not name.startswith("broker-")
+        and not any(s in value for s in long_secrets)
+    ]
+
+
+def _query(raw: str, placement: Placement) -> str:
+    """The caller's query, raw, without parameters the credential is sent in."""
+    if not placement.auth.query or not raw:
+        return raw
+    reserved = set(placement.auth.query)
+    pairs = parse_qsl(raw, keep_blank_values=True)
+    if not any(name in reserved for name, _ in pairs):
+        return raw
+    return urlencode([(n, v) for n, v in pairs if n not in reserved])
+
+
+async def _body(request: Request, buffer: int, limit: int) -> bytes | AsyncIterator[bytes]:
+    """The request body: bytes when it fits ``buffer`` (it can then be sent again), else
+    a stream of it, cut off with PayloadTooLarge past ``limit`` bytes."""
+    too_large = PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    if declared in (None, "0") and "transfer-encoding" not in request.headers:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    stream = request.stream()
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if size > buffer:
+                break
+        else:
+            return b"".join(chunks)
+    except ClientDisconnect:
+        raise InvalidInput(
+            "The request body did not arrive in full.", reason="incomplete_body"
+        ) from None
+
+    async def rest() -> AsyncIterator[bytes]:
+        sent = size
+        for chunk in chunks:
+            yield chunk
+        async for chunk in stream:
+            sent += len(chunk)
+            if sent > limit:
+                raise too_large
+            yield chunk
+
+    return rest()
+
+
+def _upstream_path(request: Request) -> str:
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    segments = raw.split(b"?", 1)[0].decode("latin-1").split("/")
+    return "/".join(segments[_PREFIX_SEGMENTS:])
+
+
+async def proxy(request: Request) -> Response:
+    """The route (see the module docstring)."""
+    try:
+        return await _proxy(request)
+    except HTTPError as exc:
+        return JSONResponse(
+            exc.to_dict(), status_code=exc.status_code,
+            headers={**NO_STORE, PROXY_ERROR_HEADER: exc.code},
+        )
+
+
+async def _proxy(request: Request) -> Response:
+    require_service(request)
+    group_id = group_id_of(request)
+    integration = integration_of(request, group_id)
+    placement = integration.placement()
+    broker = broker_of(request)
+    settings = broker.settings.proxy
+    log_info: dict[str, Any] = {"integration": integration.key}
+    request.scope.setdefault("state", {})[LOG_KEY] = log_info
+
+    handle = ConnectionHandle(broker, group_id, integration)
+    credential = await handle.current()
+    base = placement.base(credential)
+    url = join(
+        base, _upstream_path(request),
+        _query(request.scope.get("query_string", b"").decode("latin-1"), placement),
+    )
+    headers = request_headers(
+        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
+        dict(placement.headers),
+    )
+    body = await _body(request, settings.buffer_bytes, settings.max_request_bytes)
+    if not isinstance(body, bytes) and request.headers.get("content-length", "").isdigit():
+        headers.append(("content-length", request.headers["content-length"]))
+    upstream_request = httpx.Request(
+        request.method, url, headers=headers, content=body,
+        extensions={
+            "timeout": httpx.Timeout(
+                placement.timeout, connect=settings.connect_timeout_seconds
+            ).as_dict()
+        },
+    )
+    auth = ProviderAuth(handle, placement, base_url=base)
+    try:
+        upstream = await broker.api_client.send(
+            upstream_request, auth=auth, stream=True, follow_redirects=False
+        )
+    except PayloadTooLarge:
+        raise
+    except httpx.TimeoutException:
+        raise ProviderTimeout(
+            f"{integration.name} did not answer in time ({placement.timeout:g} s)."
+        ) from None
+    except httpx.HTTPError as exc:
+        raise ProviderUnreachable(
+            f"Could not reach {integration.name} ({type(exc).__name__})."
+        ) from None
+    finally:
+        log_info["refreshes"] = auth.refreshes
+    log_info["upstream_status"] = upstream.status_code
+    response = StreamingResponse(
+        upstream.aiter_raw(), status_code=upstream.status_code,
+        background=BackgroundTask(upstream.aclose),
+    )
+    response.raw_headers = [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in response_headers(
+            [(k.decode("latin-1").lower(), v.decode("latin-1"))
+             for k, v in upstream.headers.raw],
+            placement.secret_values(auth.credential or credential),
+        )
+    ]
+    return response
