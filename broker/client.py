@@ -154,8 +154,9 @@ class ProviderAuth(httpx.Auth):
             )
             if step is None:
                 return
-            # The answer is not the caller's now: free its connection before waiting.
-            await response.aclose()
+            # The answer is not the caller's now: read it (an error's short body) so its
+            # connection goes back to the pool before any wait.
+            await response.aread()
             if step.action == "refresh":
                 refreshed = True
                 self.refreshes += 1

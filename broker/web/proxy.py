@@ -90,7 +90,8 @@ def response_headers(
     """What goes back to the caller of the provider's headers (names lowercased): no
     hop-by-hop header, no ``Broker-*`` header, and none whose value holds a credential
     value (a provider echoing it). Pure."""
-    drop = HOP_BY_HOP | _named_in_connection(upstream)
+    # ``date`` and ``server``: the broker's server sends its own.
+    drop = HOP_BY_HOP | _named_in_connection(upstream) | {"date", "server"}
     long_secrets = [s for s in secrets if len(s) >= 8]
     return [
         (name, value) for name, value in upstream

@@ -255,6 +255,16 @@ class AuthServer:
         return await adrive_consent(url, username, approve, http)
 
     # ------------------------------------------------------------------ server-side actions
+    def revoke_access_token(self, access_token: str) -> bool:
+        """Stop accepting one access token, its grant and refresh token untouched (a
+        provider revoking a session, or a token it lost track of). True when it existed."""
+        with self.store.lock:
+            token = self.store.by_access.get(access_token)
+            if token is None:
+                return False
+            token.access_revoked = True
+            return True
+
     def revoke_user_grants(self, username: str, client_id: str | None = None) -> int:
         """Revoke every grant of ``username`` (optionally for one client), like a user
         removing the app at the provider. Returns how many grants were revoked."""
