@@ -203,6 +203,15 @@ class Placement:
         names = self.auth.names()
         return [str(credential[n]) for n in sorted(names) if credential.get(n)]
 
+    def check_values(self, values: Mapping[str, object]) -> None:
+        """At connect: the base URL must render over the connection's values, so a value
+        that would send its calls elsewhere is refused before anything is stored
+        (InvalidInput naming it). Values not known yet (learnt after connect) are left
+        to the first call."""
+        present = {k: v for k, v in values.items() if v is not None}
+        if template_names(self.base_url) <= set(present):
+            self.base(present)
+
     def base(self, values: Mapping[str, object]) -> str:
         """The base URL for a connection with these values (see ``render_base_url``)."""
         return render_base_url(

@@ -36,7 +36,7 @@ from .integrations import (
 )
 from .oauth import client
 from .oauth.decisions import Outcome
-from .oauth.tokens import stored_token
+from .oauth.tokens import node_view, stored_token
 
 __all__ = ["check_fields", "integration_for", "verify_credential"]
 
@@ -147,12 +147,21 @@ def _apikey_integration(spec: ApiKeyProvider) -> Integration:
         if not isinstance(body, dict):
             raise InvalidInput("expected a JSON object of fields")
         data = check_fields(spec, body)
+        check_api_values(spec, data)
         await verify_credential(spec, data)
         return await register_custom_integration(
             db, group, name, data, hint=spec.credential_hint(data)
         )
 
     return _integration(spec, complete)
+
+
+def check_api_values(spec: ProviderBase, values: Mapping[str, Any]) -> None:
+    """Refuse (InvalidInput naming the field) values that would send the connection's API
+    calls somewhere its ``api`` section does not allow."""
+    placement = spec.placement()
+    if placement is not None:
+        placement.check_values(values)
 
 
 def _integration(
@@ -241,6 +250,7 @@ def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> In
             raise ProviderUnreachable(
                 f"{spec.display_name} answered without an access token."
             ) from None
+        check_api_values(spec, node_view(token))
         token["client"] = {
             "client_id": data["client_id"],
             "client_secret": data["client_secret"],

@@ -30,7 +30,7 @@ from ..sessions import find_session_by_hash
 from . import client
 from .flows import Flow, consume_flow, create_ticket, hash_secret, new_verifier, redeem_ticket
 from .issuer import check_issuer
-from .tokens import stored_token
+from .tokens import node_view, stored_token
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -318,5 +318,14 @@ async def finish(
         raise FlowFailed(
             f"{label} answered without an access token.", integration=name, status_code=502
         ) from None
+    placement = spec.placement()
+    if placement is not None:
+        try:
+            placement.check_values(node_view(token))
+        except InvalidInput as exc:
+            raise FlowFailed(
+                f"{label} sent an address for its API that the broker may not use "
+                f"({exc.field}).", integration=name, status_code=502,
+            ) from None
     await broker.store_token(flow.group_id, name, "oauth2", token, hint={})
     return FlowResult(name, label, flow.group_id, flow.return_to)

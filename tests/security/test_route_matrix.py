@@ -30,6 +30,9 @@ sec_broker = sec.sec_broker
 # Reached without any token (the middleware's own list says the same; checked below).
 PUBLIC = {"/healthz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect", "/static"}
 
+AUTHORIZE = "/groups/{group_id}/integrations/{name}/authorize"
+PROXY = "/groups/{group_id}/integrations/{name}/proxy/{path:path}"
+
 # How to call each non-public route: (method, path template) -> request keyword arguments.
 CALLS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/connect-sessions"): {"json": {"group_id": "gb"}},
@@ -48,8 +51,11 @@ CALLS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("GET", "/groups/{group_id}/events"): {},
     ("GET", "/connect-sessions/current"): {},
+    **{
+        (method, PROXY): {"content": b"{}"} if method in ("POST", "PUT", "PATCH") else {}
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    },
 }
-AUTHORIZE = "/groups/{group_id}/integrations/{name}/authorize"
 # Routes a connect session may use at all (the others answer it 403, for any group).
 SESSION_ROUTES = {
     ("GET", "/groups/{group_id}/integrations"),
@@ -60,7 +66,7 @@ SESSION_ROUTES = {
 }
 # Routes that refuse every authenticated caller alike (a result page, 400).
 REFUSED = {("GET", AUTHORIZE)}
-KNOWN_PARAMS = {"group_id", "name"}
+KNOWN_PARAMS = {"group_id", "name", "path"}
 
 OWN, OTHER, MISSING = "ga", "gb", "gc-does-not-exist"
 
@@ -113,7 +119,10 @@ def matrix(app: Starlette) -> list[Endpoint]:
 
 
 def fill(template: str, group_id: str, name: str = "hexkey") -> str:
-    return template.replace("{group_id}", group_id).replace("{name}", name)
+    return (
+        template.replace("{group_id}", group_id).replace("{name}", name)
+        .replace("{path:path}", "user")
+    )
 
 
 class Reads:
