@@ -313,6 +313,24 @@ def openapi(public_url: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/groups/{group_id}/integrations/{name}/proxy/{path}": {
+                method: {
+                    "summary": "The provider's API, with the connection's credential applied "
+                    "by the broker (any method; the answer is the provider's, streamed)",
+                    "security": service,
+                    "parameters": [
+                        GROUP,
+                        NAME,
+                        {"name": "path", "in": "path", "required": True,
+                         "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "default": {"description": "The provider's answer, as it came"},
+                        **_errors(401, 403, 404, 409, 413, 422, 502, 504),
+                    },
+                }
+                for method in ("get", "post", "put", "patch", "delete")
+            },
             "/groups/{group_id}/events": {
                 "get": {
                     "summary": "The group's connection events, newest first",
