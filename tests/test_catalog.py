@@ -17,13 +17,14 @@ import yaml
 
 from broker.catalog import (
     ApiKeyProvider,
+    OAuth2Provider,
     ProviderBase,
     builtin_catalog_dir,
     load_yaml_file,
     render,
 )
 from broker.config import Settings, load_settings
-from broker.errors import ConfigError, CredentialRejected
+from broker.errors import ConfigError, CredentialRejected, InvalidInput
 from broker.providers import verify_credential
 
 CATALOG = builtin_catalog_dir()
@@ -287,16 +288,14 @@ OAUTH2_NAMES = [p.stem for p in OAUTH2_FILES]
 OAUTH2_CLIENT = {"client_id": "test-client", "client_secret": "test-secret"}
 
 
-def load_oauth2(tmp_path: Path, name: str):  # -> OAuth2Provider
-    from broker.catalog import OAuth2Provider
-
+def load_oauth2(tmp_path: Path, name: str) -> OAuth2Provider:
     settings = load_settings(write_config(tmp_path, {name: dict(OAUTH2_CLIENT)}), env={})
     spec = settings.resolved_providers[name]
     assert isinstance(spec, OAuth2Provider)
     return spec
 
 
-def oauth2_examples(spec) -> dict[str, str]:  # spec: OAuth2Provider
+def oauth2_examples(spec: OAuth2Provider) -> dict[str, str]:
     values = {}
     for setting_name, field in spec.settings.items():
         assert field.example, f"{spec.name}.{setting_name}: give an example"
@@ -333,6 +332,7 @@ def test_oauth2_file_validates_with_client_credentials_from_config(
     tmp_path: Path, name: str
 ) -> None:
     spec = load_oauth2(tmp_path, name)
+    assert spec.client_id is not None and spec.client_secret is not None
     assert spec.client_id.get_secret_value() == "test-client"
     assert spec.client_secret.get_secret_value() == "test-secret"
     assert spec.docs_url and spec.docs_url.startswith("https://")
@@ -604,3 +604,117 @@ def test_every_oauth2_catalog_file_says_what_was_checked_about_its_issuer() -> N
         assert issuer is None or issuer.startswith("https://"), path.name
         checked.append(path.stem)
     assert len(checked) >= 12, checked
+
+
+# --- The api section ------------------------------------------------------------------------
+# Every catalog file says where its provider's API is (issue #12). Each base URL is rendered the
+# way ctx.client and the proxy will render it, over example values, and must land on the host
+# the provider's docs give (each file's "Checked:" list names the page).
+
+API_HOSTS = {
+    "airtable": "api.airtable.com",
+    "anthropic": "api.anthropic.com",
+    "atlassian": "api.atlassian.com",
+    "dropbox": "api.dropboxapi.com",
+    "elevenlabs": "api.elevenlabs.io",
+    "github": "api.github.com",
+    "google": "www.googleapis.com",
+    "groq": "api.groq.com",
+    "hubspot": "api.hubapi.com",
+    "linear": "api.linear.app",
+    "microsoft": "graph.microsoft.com",
+    "mistral": "api.mistral.ai",
+    "notion": "api.notion.com",
+    "openai": "api.openai.com",
+    "openweathermap": "api.openweathermap.org",
+    "pinecone": "api.pinecone.io",
+    "salesforce": "acme.my.salesforce.com",
+    "sendgrid": "api.sendgrid.com",
+    "serpapi": "serpapi.com",
+    "slack": "slack.com",
+    "spotify": "api.spotify.com",
+    "stripe": "api.stripe.com",
+    "zendesk": "acme.zendesk.com",
+}
+# Plausible values of kept extra fields that a base URL uses (a token response sends them).
+API_EXTRA_VALUES = {"salesforce": {"instance_url": "https://acme.my.salesforce.com"}}
+
+
+def api_values(spec: ProviderBase) -> dict[str, str]:
+    """A connection's values for rendering ``spec``'s base URL: each setting's or field's
+    example, and a plausible value for each kept extra field it uses."""
+    values = {n: f.example for n, f in spec.url_values().items() if f.example is not None}
+    return {**values, **API_EXTRA_VALUES.get(spec.name, {})}
+
+
+def test_every_catalog_file_has_a_documented_api_host() -> None:
+    assert sorted(API_HOSTS) == PROVIDER_NAMES
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_api_base_url_renders_to_the_documented_host(tmp_path: Path, name: str) -> None:
+    spec = load_any(tmp_path, name)
+    placement = spec.placement()
+    assert placement is not None, f"{name}.yaml has no api section"
+    url = placement.base(api_values(spec))
+    parts = urlsplit(url)
+    assert parts.scheme == "https", url
+    assert parts.hostname == API_HOSTS[name], url
+    assert parts.port is None and not parts.username and not parts.password, url
+    assert not parts.query and not parts.fragment and not url.endswith("/"), url
+    assert not LEFTOVER_BRACES.search(url), url
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_api_section_says_what_was_checked(name: str) -> None:
+    lines = (CATALOG / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+    at = lines.index("api:")
+    assert lines[at - 1].startswith("# api: "), f"{name}.yaml: say what was checked above api:"
+
+
+@pytest.mark.parametrize("name", APIKEY_NAMES)
+def test_api_auth_sends_every_secret_field(tmp_path: Path, name: str) -> None:
+    spec = load_provider(tmp_path, name)
+    placement = spec.placement()
+    assert placement is not None
+    values = sample_values(spec)
+    headers, query = placement.apply(values)
+    sent = " ".join([*headers.values(), *query.values()])
+    for field_name, field in spec.fields.items():
+        if field.secret and field.required:
+            assert values[field_name] in sent, f"{name}: {field_name} is never sent"
+    # A static header and the credential's headers never name the same header twice.
+    assert not {h.lower() for h in headers} & {h.lower() for h in placement.headers}
+
+
+@pytest.mark.parametrize(
+    "instance_url",
+    [
+        "https://acme.my.salesforce.com.evil.example",
+        "https://evil.example",
+        "https://acme.my.site.com",  # Experience Cloud sites: customer content
+        "https://acme.force.com",
+        "https://na1.salesforce.com",  # a legacy instance host: not allowed
+        "http://acme.my.salesforce.com",
+        "https://acme.my.salesforce.com:8443",
+        "https://acme.my.salesforce.com/path",
+        "https://user@acme.my.salesforce.com",
+    ],
+)
+def test_salesforce_api_base_stays_on_a_my_domain(tmp_path: Path, instance_url: str) -> None:
+    placement = load_any(tmp_path, "salesforce").placement()
+    assert placement is not None
+    with pytest.raises(InvalidInput) as info:
+        placement.base({"instance_url": instance_url})
+    assert info.value.field == "instance_url"
+
+
+def test_salesforce_api_base_takes_sandbox_and_developer_my_domains(tmp_path: Path) -> None:
+    placement = load_any(tmp_path, "salesforce").placement()
+    assert placement is not None
+    for host in (
+        "acme--uat.sandbox.my.salesforce.com",
+        "acme-dev-ed.develop.my.salesforce.com",
+    ):
+        url = placement.base({"instance_url": f"https://{host}"})
+        assert url == f"https://{host}/services/data/v66.0", url
