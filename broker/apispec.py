@@ -111,6 +111,9 @@ class WaitHeader(_Model):
 
     name: str = Field(pattern=HEADER_NAME.pattern)
     format: Literal["retry_after", "seconds", "epoch", "epoch_ms"] = "retry_after"
+    statuses: list[int] = [429, 503]
+    """The answers it is read on. Rate-limit headers such as ``X-RateLimit-Reset`` come
+    on every answer, and mean nothing for a 502; Retry-After is defined for 429 and 503."""
 
 
 DEFAULT_WAIT_HEADERS = (WaitHeader(name="Retry-After", format="retry_after"),)
@@ -283,7 +286,7 @@ def render_base_url(
     if (
         parts.scheme != "https" or not host or parts.username or parts.password
         or port is not None or parts.path not in ("", "/") or parts.query or parts.fragment
-        or value.rstrip("/") != f"https://{parts.netloc}" or parts.netloc != host
+        or value.rstrip("/") != f"https://{parts.netloc}" or parts.netloc.lower() != host
         or not allowed_hosts or not host_allowed(host, allowed_hosts)
     ):
         raise refused

@@ -41,12 +41,16 @@ class Step:
 
 
 def told_wait(
-    headers: Mapping[str, str], wait_headers: Iterable[WaitHeader], now: float
+    headers: Mapping[str, str], wait_headers: Iterable[WaitHeader], now: float,
+    status: int = 429,
 ) -> float | None:
-    """Seconds the provider asked to wait, from the first of ``wait_headers`` it sent with
-    a value that parses (``now``: the Unix time, for epoch and date values); None when
-    it said nothing usable. Never negative."""
+    """Seconds the provider asked to wait in an answer of ``status``, from the first of
+    ``wait_headers`` read on that status that it sent with a value that parses (``now``:
+    the Unix time, for epoch and date values); None when it said nothing usable. Never
+    negative."""
     for spec in wait_headers:
+        if status not in spec.statuses:
+            continue
         raw = headers.get(spec.name)
         if raw is None:
             continue
@@ -106,7 +110,7 @@ def next_step(
     if method.upper() not in IDEMPOTENT and not retry_non_idempotent:
         return None
     cap = placement.max_retry_wait
-    told = told_wait(headers, placement.wait_headers, now)
+    told = told_wait(headers, placement.wait_headers, now, status)
     if told is None:
         return Step("retry", backoff(retried, cap, rand))
     if told > cap:

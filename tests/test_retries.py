@@ -128,3 +128,12 @@ def test_defaults() -> None:
         [401], [429, 502, 503, 504], 2, 30.0
     )
     assert [h.name for h in api.wait_headers] == ["Retry-After"]
+
+
+def test_rate_limit_reset_headers_mean_nothing_on_a_502() -> None:
+    reset = [{"name": "X-RateLimit-Reset", "format": "epoch"}]
+    headers = {"X-RateLimit-Reset": str(NOW + 3000)}
+    # On a 429 the reset an hour away is more than the cap: back to the caller at once.
+    assert step(429, headers=headers, wait_headers=reset) is None
+    # On a 502 it is not about this answer: a plain backoff.
+    assert step(502, headers=headers, wait_headers=reset, rand=1.0) == Step("retry", 0.5)

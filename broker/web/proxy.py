@@ -6,7 +6,7 @@ Service token only (a connect session gets 403). The request goes to
 ``<base_url>/<path>?<query>`` with the caller's method, body and headers — minus
 hop-by-hop headers, ``Host``, the caller's ``Authorization``, ``Cookie`` and
 ``Proxy-Authorization``, and ``Broker-*`` — plus the provider's static headers (unless the
-caller sent them) and the credential. The refresh and retry rules are the client's
+caller sent them), a ``User-Agent`` when the caller sent none, and the credential. The refresh and retry rules are the client's
 (``client.ProviderAuth``, ``retries``). The answer streams back as it came: status,
 headers minus hop-by-hop ones (and any header that would carry the credential back), the
 body as raw bytes (still compressed, if the provider compressed it).
@@ -58,6 +58,7 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length", "expect"}
+USER_AGENT = "broker-proxy"
 _PREFIX_SEGMENTS = 6  # "", "groups", {group_id}, "integrations", {name}, "proxy"
 
 
@@ -81,6 +82,8 @@ def request_headers(
     ]
     sent = {name for name, _ in kept}
     kept += [(k.lower(), v) for k, v in static.items() if k.lower() not in sent]
+    if "user-agent" not in sent and "user-agent" not in {k.lower() for k in static}:
+        kept.append(("user-agent", USER_AGENT))  # some APIs refuse a request without one
     return kept
 
 
