@@ -24,7 +24,7 @@ from broker.runtime import Broker
 from broker.web import create_app
 from tests.support import yaml_text
 
-pytest_plugins = ["tests.authserver.fixture"]
+pytest_plugins = ["tests.authserver.fixture", "tests.apiserver.fixture"]
 
 PG_ENV = "BROKER_TEST_DATABASE_URL"
 SERVICE_TOKEN = "test-service-token-0123456789"
