@@ -187,7 +187,8 @@ def live_factory(
     """``async with live_factory(...) as live``: a broker with the ``acme`` provider (an
     oauth2 client registered at ``authserver``) served on 127.0.0.1.
 
-    ``provider``: overrides of the acme spec; ``extra_providers``: more providers by name.
+    ``provider``: overrides of the acme spec; ``extra_providers``: more providers by name;
+    ``settings``: more config.yaml keys (``proxy``, ``refresh``...).
     """
 
     @asynccontextmanager
@@ -195,6 +196,7 @@ def live_factory(
         *, auth_method: str = "client_secret_basic", require_pkce: bool = True,
         provider: dict[str, Any] | None = None,
         extra_providers: dict[str, dict[str, Any]] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> AsyncIterator[Live]:
         sock = loopback_socket()
         url = url_of(sock)
@@ -204,7 +206,8 @@ def live_factory(
             require_pkce=require_pkce,
         )
         assert client.client_secret is not None
-        settings = make_settings(
+        config = make_settings(
+            **(settings or {}),
             database_url=store_url,
             public_url=url,
             auth={"service_tokens": [SERVICE_TOKEN], "allowed_origins": [HOST_ORIGIN]},
@@ -216,7 +219,7 @@ def live_factory(
                 **(extra_providers or {}),
             },
         )
-        broker = await Broker.open(settings)
+        broker = await Broker.open(config)
         try:
             async with serve(create_app(broker), sock), httpx.AsyncClient(
                 base_url=url, headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}, timeout=10

@@ -6,10 +6,11 @@ Service token only (a connect session gets 403). The request goes to
 ``<base_url>/<path>?<query>`` with the caller's method, body and headers — minus
 hop-by-hop headers, ``Host``, the caller's ``Authorization``, ``Cookie`` and
 ``Proxy-Authorization``, and ``Broker-*`` — plus the provider's static headers (unless the
-caller sent them), a ``User-Agent`` when the caller sent none, and the credential. The refresh and retry rules are the client's
-(``client.ProviderAuth``, ``retries``). The answer streams back as it came: status,
-headers minus hop-by-hop ones (and any header that would carry the credential back), the
-body as raw bytes (still compressed, if the provider compressed it).
+caller sent them), a ``User-Agent`` when the caller sent none, and the credential. The
+refresh and retry rules are the client's (``client.ProviderAuth``, ``retries``). The
+answer streams back as it came: status, headers minus hop-by-hop ones (and any header
+that would carry the credential back), the body as raw bytes (still compressed, if the
+provider compressed it).
 
 Both ways stream: a request body up to ``proxy.buffer_bytes`` is held (so it can be sent
 again after a refresh or a 429); a larger one is streamed to the provider as it arrives,
@@ -157,7 +158,8 @@ async def _body(request: Request, buffer: int, limit: int) -> bytes | AsyncItera
 def _upstream_path(request: Request) -> str:
     raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
     segments = raw.split(b"?", 1)[0].decode("latin-1").split("/")
-    return "/".join(segments[_PREFIX_SEGMENTS:])
+    # With its leading "/": ``/proxy//host`` keeps its empty segment, and is refused.
+    return "/" + "/".join(segments[_PREFIX_SEGMENTS:])
 
 
 async def proxy(request: Request) -> Response:
