@@ -408,3 +408,34 @@ async def test_no_secret_and_no_body_reaches_the_log_and_the_access_line_says_wh
         assert "/proxy/echo\" 200" in text
         assert "integration=acme upstream=200 refreshes=1" in text
         assert "integration=keyq upstream=200 refreshes=0" in text
+
+
+async def test_client_credentials_tokens_and_other_methods(
+    live_factory: Callable[..., Any], apiserver: ApiServer, authserver: Any
+) -> None:
+    apiserver.config.api_keys = {KEY}
+    m2m = {
+        "display_name": "Acme M2M", "auth_type": "oauth2_cc",
+        "token_url": authserver.token_endpoint, "default_scopes": ["read"],
+        "api": {"base_url": f"{apiserver.url}/bearer"},
+    }
+    async with live_factory(extra_providers={"m2m": m2m}) as live:
+        client = authserver.register_client(
+            grant_types=["client_credentials"], token_endpoint_auth_method="client_secret_basic"
+        )
+        r = await live.service.post("/groups/g1/integrations/custom/m2m", json={
+            "client_id": client.client_id, "client_secret": client.client_secret,
+        })
+        assert r.status_code == 200, r.text
+        base = PROXY.format(name="m2m")
+        r = await live.service.get(base + "echo")
+        assert r.status_code == 200 and r.json()["principal"] == client.client_id
+        r = await live.service.head(base + "bytes/1000")
+        assert r.status_code == 200 and r.headers["content-length"] == "1000"
+        assert r.content == b""
+        for method in ("OPTIONS", "PUT", "PATCH", "DELETE"):
+            r = await live.service.request(method, base + "echo", content=b"abc")
+            assert r.status_code == 200 and r.json()["method"] == method
+        async with ExecutionContext.local(live.broker, "g1").client("m2m") as api:
+            r = await api.delete("/echo")
+        assert r.json()["principal"] == client.client_id
