@@ -30,6 +30,7 @@ BENCHMARKS = {
     "scale": "bench.scale",
     "burst": "bench.burst",
     "retention": "bench.retention",
+    "proxy": "bench.proxy",
 }
 
 

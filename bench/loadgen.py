@@ -27,6 +27,18 @@ from typing import Any
 
 from .common import PY, ROOT, percentile, pin
 
+_LUA_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"status_errors":%d,' ..
+    '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d,' ..
+    '"p50_us":%d,"p99_us":%d}\\n',
+    summary.requests, summary.duration, summary.bytes, e.status, e.connect, e.read,
+    e.write, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
 
 def lua_script(path_template: str, groups: int, token: str, seed: int) -> str:
     """A wrk script: a random group per request, the service token, a JSON summary."""
@@ -38,16 +50,22 @@ request = function()
   local path = "{prefix}" .. "g" .. math.random(0, n - 1) .. "{suffix}"
   return wrk.format("GET", path, {{["Authorization"] = "Bearer {token}"}})
 end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_JSON {{"requests":%d,"duration_us":%d,"bytes":%d,"status_errors":%d,' ..
-    '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d,' ..
-    '"p50_us":%d,"p99_us":%d}}\\n',
-    summary.requests, summary.duration, summary.bytes, e.status, e.connect, e.read,
-    e.write, e.timeout, latency:percentile(50), latency:percentile(99)))
+""" + _LUA_DONE
+
+
+def lua_fixed(path: str, headers: dict[str, str]) -> str:
+    """A wrk script: the same GET with the same headers every time, a JSON summary."""
+    fields = ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items())
+    # Built in init (wrk sets the Host header before calling it), sent as is every time.
+    return f"""
+local req
+init = function(args)
+  req = wrk.format("GET", "{path}", {{{fields}}})
 end
-"""
+request = function()
+  return req
+end
+""" + _LUA_DONE
 
 
 def run_wrk(
@@ -82,10 +100,14 @@ def run_wrk(
 
 def run_python(
     base_url: str, path_template: str, groups: int, token: str, *, seconds: float,
-    connections: int, cpu: int | None, seed: int,
+    connections: int, cpu: int | None, seed: int, headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``steady`` in a child process pinned to ``cpu``. ``token`` "" sends no
+    Authorization; ``headers`` go on every request."""
     args = [PY, "-m", "bench.loadgen", "steady", base_url, path_template, str(groups), token,
             str(seconds), str(connections), str(seed)]
+    for name, value in (headers or {}).items():
+        args += ["--header", f"{name}: {value}"]
     child = subprocess.Popen(  # noqa: S603 (our own command line)
         args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -116,12 +138,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def steady(base_url: str, path_template: str, groups: int, token: str, seconds: float,
-                 connections: int, seed: int) -> dict[str, Any]:
+                 connections: int, seed: int, headers: list[str] | None = None) -> dict[str, Any]:
     host, port = base_url.removeprefix("http://").split(":")
     rng = random.Random(seed)  # noqa: S311 (access pattern, not secrets)
+    extra = "".join(f"{h}\r\n" for h in [
+        *([f"Authorization: Bearer {token}"] if token else []), *(headers or []),
+    ])
     requests = [
         (f"GET {path_template.replace('{group}', f'g{rng.randrange(groups)}')} HTTP/1.1\r\n"
-         f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
+         f"Host: {host}:{port}\r\n{extra}\r\n").encode()
         for _ in range(4096)
     ]
     counts = {"ok": 0, "errors": 0}
@@ -197,6 +222,7 @@ def main(argv: list[str]) -> None:
     s.add_argument("seconds", type=float)
     s.add_argument("connections", type=int)
     s.add_argument("seed", type=int)
+    s.add_argument("--header", action="append", default=[])
     b = sub.add_parser("burst")
     b.add_argument("base_url")
     b.add_argument("path")
@@ -205,7 +231,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.mode == "steady":
         result = asyncio.run(steady(args.base_url, args.path_template, args.groups, args.token,
-                                    args.seconds, args.connections, args.seed))
+                                    args.seconds, args.connections, args.seed, args.header))
     else:
         result = asyncio.run(burst(args.base_url, args.path, args.token, args.count))
     print("RESULT " + json.dumps(result), flush=True)

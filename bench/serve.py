@@ -1,12 +1,16 @@
 """An HTTP server for the benchmarks, in its own process (one uvicorn worker).
 
-    python -m bench.serve broker --config config.yaml [--warm N]
+    python -m bench.serve broker --config config.yaml [--warm N] [--integration NAME]
+                                 [--broker-server]
     python -m bench.serve bare --body-size N
 
 ``broker``: the real app (``broker.web.create_app``) over the store in ``config.yaml``.
 ``--warm N`` warms the credential cache the way the in-process benchmark does: start the
-watcher, wait for its first poll, then one pass over the API-key connections of groups
-``g0..g<N-1>``.
+watcher, wait for its first poll, then one pass over the connections of integration
+``NAME`` (default: the API-key provider of ``bench.common``) of groups ``g0..g<N-1>``.
+``--broker-server``: under the server ``broker serve`` runs (``web.server.build_server``:
+its h11 protocol with read deadlines, settings from the config) instead of the plain
+``uvicorn.Config`` below.
 
 ``bare``: a bare Starlette route at the same path returning a constant JSON body of
 ``--body-size`` bytes with the same headers (``Cache-Control: no-store``): the baseline.
@@ -62,12 +66,15 @@ def bare_app(body_size: int) -> Starlette:
     return Starlette(routes=[Route(ROUTE, constant), Route("/healthz", healthz)])
 
 
-async def serve(app: Any, ready: dict[str, Any], before: Any = None) -> None:
+async def serve(
+    app: Any, ready: dict[str, Any], before: Any = None, server: uvicorn.Server | None = None
+) -> None:
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app))
+    if server is None:
+        server = uvicorn.Server(uvicorn_config(app))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -87,6 +94,8 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("app", choices=["broker", "bare"])
     parser.add_argument("--config", type=Path)
     parser.add_argument("--warm", type=int, default=0)
+    parser.add_argument("--integration", default=None)
+    parser.add_argument("--broker-server", action="store_true")
     parser.add_argument("--body-size", type=int, default=0)
     parser.add_argument("--prime", action="store_true",
                         help="one token request through the broker's client before READY")
@@ -103,7 +112,9 @@ async def main(argv: list[str]) -> None:
 
     from .common import APIKEY, group_of
 
-    broker = await Broker.open(load_settings(args.config, env={}))
+    settings = load_settings(args.config, env={})
+    broker = await Broker.open(settings)
+    name = args.integration or APIKEY
 
     async def warm() -> dict[str, Any]:
         if args.prime:
@@ -112,15 +123,22 @@ async def main(argv: list[str]) -> None:
             await prime(broker)
         if not args.warm:
             return {}
-        await broker.credentials(group_of(0), APIKEY)
+        await broker.credentials(group_of(0), name)
         await asyncio.sleep(0.5)
         for i in range(args.warm):
-            await broker.credentials(group_of(i), APIKEY)
+            await broker.credentials(group_of(i), name)
         await asyncio.sleep(0.3)
         return {"cache_entries": len(broker.tokens.cache.entries)}
 
+    app = create_app(broker)
+    server = None
+    if args.broker_server:
+        from broker.web.server import build_server
+
+        server = build_server(app, settings.server, host="127.0.0.1", port=0,
+                              log_level="warning")
     try:
-        await serve(create_app(broker), {}, warm)
+        await serve(app, {}, warm, server)
     finally:
         await broker.close()
 

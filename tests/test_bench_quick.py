@@ -3,7 +3,8 @@
 No timing is asserted here (the machines CI runs on are shared and noisy): only that each
 benchmark completes, that every due connection is refreshed exactly once, and that a burst
 of 1,000 callers for one expired connection makes exactly one token request, and that
-pruning keeps the events table at what retention should leave.
+pruning keeps the events table at what retention should leave, and that the proxy route
+answers what the API answers and moves large bodies in full.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst", "retention"}
+BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst", "retention", "proxy"}
 
 
 def result(out: Path, name: str) -> dict[str, Any]:
@@ -80,3 +81,16 @@ def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None
         assert found["bounded"] and steady["final_rows"] >= steady["bound"] * 0.95, steady
         assert steady["final_rows"] < steady["unpruned"] / 5, steady
         assert steady["budget_hit"] == 0 and steady["max_batches"] <= steady["budget"], steady
+
+    # 7. Through the proxy: the API's own answer (and not its key), no failed request, and
+    # every byte of the large download and upload moved, the upload read in full upstream.
+    proxy = result(tmp_path, "proxy")
+    check = proxy["response_check"]
+    assert check["same_body"] and check["proxy"] == check["direct"], check
+    assert not check["key_echoed"]
+    assert proxy["errors"] == 0
+    size = proxy["transfers"]["bytes"]
+    for row in proxy["transfers"]["runs"]:
+        for way in ("direct", "proxy"):
+            assert row["download"][way]["bytes"] == size
+            assert row["upload"][way]["upstream_read"] == size
