@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .apitransport import AiohttpTransport
 from .client import SharedTransport
 from .config import Settings
 from .credentials import Credentials, expiry
@@ -67,12 +68,7 @@ class Broker:
         self.token_transport = client.token_transport()
         # One pool for calls to providers' APIs (the proxy route and ctx.client).
         self.api_transport = SharedTransport(
-            httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(
-                    max_connections=settings.proxy.max_connections,
-                    max_keepalive_connections=min(settings.proxy.max_connections, 100),
-                )
-            )
+            AiohttpTransport(max_connections=settings.proxy.max_connections)
         )
         # The proxy route sends requests it builds itself through this client (no default
         # headers are added to them); trust_env off: no per-request proxy lookups.

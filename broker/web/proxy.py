@@ -115,7 +115,32 @@ def _query(raw: str, placement: Placement) -> str:
     return urlencode([(n, v) for n, v in pairs if n not in reserved])
 
 
-async def _body(request: Request, buffer: int, limit: int) -> bytes | AsyncIterator[bytes]:
+class _Rest:
+    """The rest of a request body too large to hold: streamed, and cut off past
+    ``limit`` bytes (``exceeded`` then says so, whatever the transport made of the error)."""
+
+    def __init__(
+        self, held: list[bytes], stream: AsyncIterator[bytes], limit: int
+    ) -> None:
+        self._held = held
+        self._stream = stream
+        self._limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        sent = 0
+        for chunk in self._held:
+            sent += len(chunk)
+            yield chunk
+        async for chunk in self._stream:
+            sent += len(chunk)
+            if sent > self._limit:
+                self.exceeded = True
+                raise PayloadTooLarge(f"Request body is larger than {self._limit} bytes.")
+            yield chunk
+
+
+async def _body(request: Request, buffer: int, limit: int) -> bytes | _Rest:
     """The request body: bytes when it fits ``buffer`` (it can then be sent again), else
     a stream of it, cut off with PayloadTooLarge past ``limit`` bytes."""
     too_large = PayloadTooLarge(f"Request body is larger than {limit} bytes.")
@@ -141,18 +166,7 @@ async def _body(request: Request, buffer: int, limit: int) -> bytes | AsyncItera
         raise InvalidInput(
             "The request body did not arrive in full.", reason="incomplete_body"
         ) from None
-
-    async def rest() -> AsyncIterator[bytes]:
-        sent = size
-        for chunk in chunks:
-            yield chunk
-        async for chunk in stream:
-            sent += len(chunk)
-            if sent > limit:
-                raise too_large
-            yield chunk
-
-    return rest()
+    return _Rest(chunks, stream, limit)
 
 
 def _upstream_path(request: Request) -> str:
@@ -212,11 +226,15 @@ async def _proxy(request: Request) -> Response:
         )
     except PayloadTooLarge:
         raise
-    except httpx.TimeoutException:
-        raise ProviderTimeout(
-            f"{integration.name} did not answer in time ({placement.timeout:g} s)."
-        ) from None
     except httpx.HTTPError as exc:
+        if isinstance(body, _Rest) and body.exceeded:
+            raise PayloadTooLarge(
+                f"Request body is larger than {settings.max_request_bytes} bytes."
+            ) from None
+        if isinstance(exc, httpx.TimeoutException):
+            raise ProviderTimeout(
+                f"{integration.name} did not answer in time ({placement.timeout:g} s)."
+            ) from None
         raise ProviderUnreachable(
             f"Could not reach {integration.name} ({type(exc).__name__})."
         ) from None
