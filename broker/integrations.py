@@ -117,6 +117,7 @@ class Integration:
     delete_integration: Delete
     slug: str | None = None
     provider: ProviderBase | None = field(default=None, repr=False)
+    _placement: Placement | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.slug is None:
@@ -139,10 +140,12 @@ class Integration:
     def placement(self) -> Placement:
         """The provider's ``api`` section, resolved; ApiNotDescribed when it has none
         (a plugin's integration, or a provider file without ``api``)."""
-        placement = self.provider.placement() if self.provider is not None else None
-        if placement is None:
-            raise ApiNotDescribed(self.key)
-        return placement
+        if self._placement is None:  # the provider is frozen: resolved once
+            found = self.provider.placement() if self.provider is not None else None
+            if found is None:
+                raise ApiNotDescribed(self.key)
+            self._placement = found
+        return self._placement
 
 
 def fill_group(route: str, group_id: str) -> str:

@@ -60,6 +60,8 @@ HOP_BY_HOP = frozenset({
 })
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length", "expect"}
 USER_AGENT = "broker-proxy"
+SMALL_ANSWER = 64 * 1024
+"""Answers up to this size (by their Content-Length) are read whole and sent in one go."""
 _PREFIX_SEGMENTS = 6  # "", "groups", {group_id}, "integrations", {name}, "proxy"
 
 
@@ -241,11 +243,7 @@ async def _proxy(request: Request) -> Response:
     finally:
         log_info["refreshes"] = auth.refreshes
     log_info["upstream_status"] = upstream.status_code
-    response = StreamingResponse(
-        upstream.aiter_raw(), status_code=upstream.status_code,
-        background=BackgroundTask(upstream.aclose),
-    )
-    response.raw_headers = [
+    answer_headers = [
         (name.encode("latin-1"), value.encode("latin-1"))
         for name, value in response_headers(
             [(k.decode("latin-1").lower(), v.decode("latin-1"))
@@ -253,4 +251,23 @@ async def _proxy(request: Request) -> Response:
             placement.secret_values(auth.credential or credential),
         )
     ]
+    length = upstream.headers.get("content-length", "")
+    response: Response
+    if length.isdigit() and int(length) <= SMALL_ANSWER:
+        # A small answer whole: no streaming machinery (a task group per answer) for it.
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError:
+            raise ProviderUnreachable(
+                f"{integration.name} broke off its answer."
+            ) from None
+        finally:
+            await upstream.aclose()
+        response = Response(content, status_code=upstream.status_code)
+    else:
+        response = StreamingResponse(
+            upstream.aiter_raw(), status_code=upstream.status_code,
+            background=BackgroundTask(upstream.aclose),
+        )
+    response.raw_headers = answer_headers
     return response
