@@ -39,6 +39,7 @@ __all__ = [
     "OAuth2ClientCredentialsProvider",
     "OAuth2Provider",
     "ProviderSpec",
+    "TokenEndpoint",
     "builtin_catalog_dir",
     "find_provider_file",
     "header_safe",
@@ -98,6 +99,8 @@ class Popup(_Model):
 
 
 class ProviderBase(_Model):
+    auth_type: str
+    """Which ``broker.auth`` type this is (each subclass narrows it to its name)."""
     name: str = Field(pattern=NAME_PATTERN)
     display_name: str
     image: str | None = None
@@ -280,7 +283,7 @@ class ApiKeyProvider(ProviderBase):
         return headers, query
 
 
-class _TokenEndpoint(_Model):
+class TokenEndpoint(_Model):
     """How the broker talks to a token endpoint (shared by the OAuth2 auth types)."""
 
     token_url: str
@@ -306,7 +309,7 @@ class _TokenEndpoint(_Model):
         return self.scope_separator.join(wanted) if wanted else None
 
 
-class OAuth2Provider(ProviderBase, _TokenEndpoint):
+class OAuth2Provider(ProviderBase, TokenEndpoint):
     """Authorization code flow (with PKCE S256 unless ``pkce: false``)."""
 
     auth_type: Literal["oauth2"]
@@ -355,7 +358,7 @@ class OAuth2Provider(ProviderBase, _TokenEndpoint):
         ]
 
 
-class OAuth2ClientCredentialsProvider(ProviderBase, _TokenEndpoint):
+class OAuth2ClientCredentialsProvider(ProviderBase, TokenEndpoint):
     """Client credentials: the user submits a client id and secret; the broker gets tokens."""
 
     auth_type: Literal["oauth2_cc"]
@@ -390,11 +393,6 @@ class OAuth2ClientCredentialsProvider(ProviderBase, _TokenEndpoint):
 
 
 ProviderSpec = ApiKeyProvider | OAuth2Provider | OAuth2ClientCredentialsProvider
-PROVIDER_TYPES: dict[str, type[ProviderBase]] = {
-    "apikey": ApiKeyProvider,
-    "oauth2": OAuth2Provider,
-    "oauth2_cc": OAuth2ClientCredentialsProvider,
-}
 
 
 def render(template: str, values: Mapping[str, str]) -> str:
@@ -462,10 +460,13 @@ def load_yaml_file(path: Path) -> Any:
 
 def parse_provider(data: Mapping[str, Any]) -> ProviderBase:
     """Validate a merged provider definition. Raises ValidationError or ValueError."""
+    from .auth import kinds  # the registry imports this module: not at import time
+
+    types = {name: item.spec for name, item in kinds().items()}
     auth_type = data.get("auth_type")
-    model = PROVIDER_TYPES.get(str(auth_type))
+    model = types.get(str(auth_type))
     if model is None:
-        known = ", ".join(sorted(PROVIDER_TYPES))
+        known = ", ".join(sorted(types))
         raise ValueError(f"auth_type: expected one of {known}, got {auth_type!r}")
     return model.model_validate(dict(data))
 

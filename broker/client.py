@@ -31,7 +31,7 @@ import httpx
 
 from .apipaths import within
 from .apispec import Placement
-from .credentials import TOKEN_TYPES
+from .auth import kind
 from .errors import InvalidInput
 from .integrations import Integration
 from .retries import next_step
@@ -73,7 +73,8 @@ class ConnectionHandle:
         self.broker = broker
         self.group_id = group_id
         self.integration = integration
-        self.refreshable = getattr(integration.provider, "auth_type", None) in TOKEN_TYPES
+        auth_type = getattr(integration.provider, "auth_type", "")
+        self.refreshable = kind(auth_type).refreshable
 
     async def current(self) -> Mapping[str, Any]:
         return await self.broker.tokens.get(self.group_id, self.integration)

@@ -50,8 +50,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
+from .auth import kind
 from .cache import CredentialCache, Entry
-from .catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
+from .catalog import TokenEndpoint
 from .errors import (
     CredentialCorrupt,
     IntegrationNeedsReauth,
@@ -63,9 +64,8 @@ from .errors import (
 from .events import record
 from .flights import Flights
 from .integrations import Integration
-from .oauth import client
 from .oauth.decisions import Outcome
-from .oauth.tokens import node_view, stored_token
+from .oauth.tokens import stored_token
 from .refresh import (
     backoff,
     interrupted_by,
@@ -84,7 +84,6 @@ if TYPE_CHECKING:
 __all__ = ["Credentials", "expiry"]
 
 log = logging.getLogger("broker.credentials")
-TOKEN_TYPES = ("oauth2", "oauth2_cc")
 POLL_SECONDS = 0.05
 
 
@@ -103,7 +102,12 @@ class Renewal:
 
 
 def _view(auth_type: str, data: dict[str, Any]) -> dict[str, Any]:
-    return node_view(data) if auth_type in TOKEN_TYPES else dict(data)
+    return kind(auth_type).node_view(data)
+
+
+def _renewed(auth_type: str) -> bool:
+    """Whether connections of ``auth_type`` hold a token the refresh engine renews."""
+    return kind(auth_type).refreshable
 
 
 def is_stale(token: dict[str, Any], now: datetime, min_validity: float) -> bool:
@@ -143,15 +147,16 @@ class Credentials:
             return _view(auth_type, data)
         entry = self.cache.get((group_id, key))
         if entry is not None:
-            if entry.auth_type not in TOKEN_TYPES:
-                return dict(entry.data)
+            if not _renewed(entry.auth_type):
+                return _view(entry.auth_type, entry.data)
             if entry.status == "reauth_required":
                 raise IntegrationNeedsReauth(key, integration.name)
             if not self._stale(entry.data):
-                return node_view(entry.data)
+                return _view(entry.auth_type, entry.data)
             # Cached but due: straight to the refresh, which reads the row under its lease.
-            return node_view(
-                await self.refresh(group_id, integration, seen_version=entry.version)
+            return _view(
+                entry.auth_type,
+                await self.refresh(group_id, integration, seen_version=entry.version),
             )
         flight = (group_id, key)
         started = self._loads.started(flight)
@@ -182,22 +187,23 @@ class Credentials:
         """
         key = integration.key
         flight = (group_id, key)
+        auth_type = getattr(integration.provider, "auth_type", "")
         if self._refreshes.running(flight):
-            return node_view((await self._refreshes.join(flight)).token)
+            return _view(auth_type, (await self._refreshes.join(flight)).token)
         async with self.broker.session() as db:
             found = await self.broker.repository.get(db, group_id, key)
         if found is None:
             raise IntegrationNotConnected([key], group_id)
-        if found.info.auth_type not in TOKEN_TYPES:
+        if not _renewed(found.info.auth_type):
             return None
         if found.info.status == "reauth_required":
             raise IntegrationNeedsReauth(key, integration.name)
         if found.data.get("access_token") != rejected:
-            return node_view(found.data)
+            return _view(found.info.auth_type, found.data)
         token = await self.refresh(
             group_id, integration, seen_version=found.info.version, force=True
         )
-        return node_view(token)
+        return _view(found.info.auth_type, token)
 
     async def _load(
         self, group_id: str, integration: Integration, *, use_cache: bool, force: bool = False
@@ -221,7 +227,7 @@ class Credentials:
                 read_started=read_started,
             )
         auth_type = found.info.auth_type
-        if auth_type not in TOKEN_TYPES:
+        if not _renewed(auth_type):
             return auth_type, found.data
         if found.info.status == "reauth_required":
             raise IntegrationNeedsReauth(key, integration.name)
@@ -449,7 +455,7 @@ class Credentials:
         except TokenEndpointError as exc:
             return await self._failed(group_id, integration, row, old, exc)
         spec = integration.provider
-        assert isinstance(spec, OAuth2Provider | OAuth2ClientCredentialsProvider)
+        assert isinstance(spec, TokenEndpoint)
         now = broker.now()
         try:
             token = stored_token(
@@ -468,8 +474,7 @@ class Credentials:
                 outcome=Outcome.transient,
             )
             return await self._failed(group_id, integration, row, old, failure)
-        if "client" in old:
-            token["client"] = old["client"]
+        kind(spec.auth_type).carry(old, token)
         expires_at = expiry(token)
         # The provider has answered, and may have retired the old refresh token: an answer
         # not stored is a connection lost. A failing database is retried while our lease
@@ -516,29 +521,9 @@ class Credentials:
 
     async def _token_request(self, integration: Integration, old: dict[str, Any]) -> Any:
         spec = integration.provider
-        if isinstance(spec, OAuth2Provider):
-            refresh_token = old.get("refresh_token")
-            if not refresh_token:
-                raise TokenEndpointError(
-                    f"{spec.display_name}: no refresh token was issued",
-                    error="invalid_grant", status=None, retry_after=None,
-                    outcome=Outcome.reauth,
-                )
-            return await client.refresh(
-                spec, refresh_token=refresh_token, settings=old.get("settings") or {},
-                transport=self.broker.token_transport,
-            )
-        if isinstance(spec, OAuth2ClientCredentialsProvider):
-            creds = old.get("client") or {}
-            return await client.client_credentials(
-                spec,
-                client_id=creds.get("client_id", ""),
-                client_secret=creds.get("client_secret", ""),
-                scopes=creds.get("scopes"),
-                audience=creds.get("audience"),
-                transport=self.broker.token_transport,
-            )
-        raise UnknownIntegration(integration.key)
+        if spec is None or not kind(spec.auth_type).refreshable:
+            raise UnknownIntegration(integration.key)
+        return await kind(spec.auth_type).renew(self.broker, spec, old)
 
     async def _release(self, group_id: str, key: str, values: dict[str, Any]) -> bool:
         async with self.broker.session() as db, db.begin():
@@ -559,11 +544,9 @@ class Credentials:
         now = broker.now()
         error = exc.error or (f"http_{exc.status}" if exc.status else "no_response")
         outcome = exc.outcome
-        if outcome == Outcome.operator and isinstance(
-            integration.provider, OAuth2ClientCredentialsProvider
-        ):
-            # Client credentials are the user's, not the operator's: they must fix them.
-            outcome = Outcome.reauth
+        if integration.provider is not None:
+            # What the outcome means is the auth type's (client credentials are the user's).
+            outcome = kind(integration.provider.auth_type).outcome(outcome)
         if outcome == Outcome.reauth:
             # Another replica may have rotated the refresh token under us (a lease that ran
             # out): re-read once before giving up on the grant.

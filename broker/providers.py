@@ -13,18 +13,15 @@ from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.requests import Request
 
 from .catalog import (
     ApiKeyProvider,
     OAuth2ClientCredentialsProvider,
-    OAuth2Provider,
     ProviderBase,
     ProviderSpec,
     header_safe,
 )
-from .credentials import expiry
-from .errors import CredentialRejected, InvalidInput, ProviderUnreachable, TokenEndpointError
+from .errors import CredentialRejected, InvalidInput, ProviderUnreachable
 from .integrations import (
     AuthType,
     Complete,
@@ -32,13 +29,15 @@ from .integrations import (
     NestedOauthConfig,
     OauthConfig,
     disconnect_custom_integration,
-    register_custom_integration,
 )
-from .oauth import client
-from .oauth.decisions import Outcome
-from .oauth.tokens import node_view, stored_token
 
-__all__ = ["check_fields", "integration_for", "verify_credential"]
+__all__ = [
+    "base_integration",
+    "check_api_values",
+    "check_fields",
+    "integration_for",
+    "verify_credential",
+]
 
 
 def check_fields(
@@ -139,23 +138,6 @@ async def verify_credential(
     )
 
 
-def _apikey_integration(spec: ApiKeyProvider) -> Integration:
-    name = spec.name
-
-    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise InvalidInput("expected a JSON object of fields")
-        data = check_fields(spec, body)
-        check_api_values(spec, data)
-        await verify_credential(spec, data)
-        return await register_custom_integration(
-            db, group, name, data, hint=spec.credential_hint(data)
-        )
-
-    return _integration(spec, complete)
-
-
 def check_api_values(spec: ProviderBase, values: Mapping[str, Any]) -> None:
     """Refuse (InvalidInput naming the field) values that would send the connection's API
     calls somewhere its ``api`` section does not allow."""
@@ -164,7 +146,7 @@ def check_api_values(spec: ProviderBase, values: Mapping[str, Any]) -> None:
         placement.check_values(values)
 
 
-def _integration(
+def base_integration(
     spec: ProviderSpec, complete: Complete, *, trigger: str | None = None
 ) -> Integration:
     name = spec.name
@@ -209,88 +191,8 @@ def _integration(
     )
 
 
-def _client_credentials_integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
-    """Connected by submitting a client id and secret; the broker fetches the token."""
-    name = spec.name
-
-    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise InvalidInput("expected a JSON object of fields")
-        data = check_fields(spec, body)
-        scopes = data.get("scopes", "").split() or None
-        broker = db.info["broker"]
-        try:
-            response = await client.client_credentials(
-                spec,
-                client_id=data["client_id"],
-                client_secret=data["client_secret"],
-                scopes=scopes,
-                audience=data.get("audience"),
-                transport=broker.token_transport,
-            )
-        except TokenEndpointError as exc:
-            reason = f" ({exc.error})" if exc.error else ""
-            if exc.outcome == Outcome.transient:
-                raise ProviderUnreachable(
-                    f"{spec.display_name} could not issue a token right now{reason}. "
-                    "Try again later."
-                ) from None
-            raise CredentialRejected(
-                f"{spec.display_name} did not accept these client credentials{reason}.",
-                field="client_secret",
-            ) from None
-        now = broker.now()
-        try:
-            token = stored_token(
-                response, now=now, default_lifetime=spec.default_lifetime_seconds,
-                token_path=spec.token_path, extra_fields=spec.extra_fields,
-            )
-        except ValueError:
-            raise ProviderUnreachable(
-                f"{spec.display_name} answered without an access token."
-            ) from None
-        check_api_values(spec, node_view(token))
-        token["client"] = {
-            "client_id": data["client_id"],
-            "client_secret": data["client_secret"],
-            "scopes": scopes,
-            "audience": data.get("audience"),
-        }
-        expires_at = expiry(token)
-        await broker.repository.put(
-            db, str(group.id), name, token, auth_type=spec.auth_type,
-            hint={"client_id": data["client_id"]},
-            expires_at=expires_at,
-            next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
-        )
-        return {"integration": name, "status": "connected"}
-
-    return _integration(spec, complete)
-
-
-def _oauth2_integration(spec: OAuth2Provider) -> Integration:
-    """Connected through the sign-in popup (a ticket from its trigger route), not by
-    posting fields."""
-
-    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        raise InvalidInput(
-            f"{spec.display_name} is connected through its sign-in popup: ask for a ticket "
-            f"with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
-            field="name",
-        )
-
-    return _integration(
-        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
-    )
-
-
 def integration_for(spec: ProviderBase) -> Integration:
-    """The Integration for an enabled provider."""
-    if isinstance(spec, ApiKeyProvider):
-        return _apikey_integration(spec)
-    if isinstance(spec, OAuth2Provider):
-        return _oauth2_integration(spec)
-    if isinstance(spec, OAuth2ClientCredentialsProvider):
-        return _client_credentials_integration(spec)
-    raise TypeError(f"no integration factory for {type(spec).__name__}")
+    """The Integration for an enabled provider (made by its auth type: ``broker.auth``)."""
+    from .auth import kind
+
+    return kind(spec.auth_type).integration(spec)

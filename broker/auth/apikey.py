@@ -1,0 +1,54 @@
+"""``apikey``: values the user pastes into the connect page (an API key, an account id).
+
+Connected by posting the provider's fields to the trigger route: they are checked against
+the spec's patterns, the API address is checked (``api``), and when the spec has a
+``verify`` request the provider is asked whether the credential works, before anything is
+stored. Stored and handed to nodes as given; never renewed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import Request
+
+from ..catalog import ApiKeyProvider, ProviderBase
+from ..errors import InvalidInput
+from ..integrations import Integration, register_custom_integration
+from ..providers import base_integration, check_api_values, check_fields, verify_credential
+from .base import AuthKind
+
+__all__ = ["KIND", "ApiKeyKind"]
+
+
+class ApiKeyKind(AuthKind):
+    name = "apikey"
+
+    @property
+    def spec(self) -> type[ProviderBase]:
+        return ApiKeyProvider
+
+    def integration(self, spec: ProviderBase) -> Integration:
+        assert isinstance(spec, ApiKeyProvider)
+        return _integration(spec)
+
+
+def _integration(spec: ApiKeyProvider) -> Integration:
+    name = spec.name
+
+    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise InvalidInput("expected a JSON object of fields")
+        data = check_fields(spec, body)
+        check_api_values(spec, data)
+        await verify_credential(spec, data)
+        return await register_custom_integration(
+            db, group, name, data, hint=spec.credential_hint(data)
+        )
+
+    return base_integration(spec, complete)
+
+
+KIND = ApiKeyKind()

@@ -1,0 +1,61 @@
+"""The protocol every auth type implements, and the behaviour they share by default.
+
+An auth type is one module of ``broker.auth`` holding one ``AuthKind``: what its provider
+files look like (``spec``, a ``catalog.ProviderBase`` subclass), how a connection is made
+(``integration``: a form posted to the trigger route, or a sign-in popup), what is stored
+and what a node gets of it (``node_view``), whether the refresh engine renews it
+(``refreshable``) and how (``renew``: the token request; the engine's single flight,
+leases and outcomes are shared by every refreshable type, in ``credentials``), and what a
+refreshed credential keeps of the old one (``carry``). How the credential goes on a
+request is the spec's (``ProviderBase.default_auth``, overridden by ``api.auth``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..catalog import ProviderBase
+    from ..integrations import Integration
+    from ..runtime import Broker
+
+__all__ = ["AuthKind"]
+
+
+class AuthKind:
+    """One auth type. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    """The ``auth_type`` of its provider files and stored connections."""
+    refreshable: ClassVar[bool] = False
+    """Whether its credential is a token the refresh engine renews before expiry."""
+
+    @property
+    def spec(self) -> type[ProviderBase]:
+        """Its provider schema."""
+        raise NotImplementedError
+
+    def integration(self, spec: ProviderBase) -> Integration:
+        """The Integration an enabled provider of this type becomes."""
+        raise NotImplementedError
+
+    def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """What a node gets of a stored credential (default: all of it)."""
+        return dict(stored)
+
+    async def renew(
+        self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """The token endpoint's answer to a renewal of ``stored`` (refreshable types).
+        Raises TokenEndpointError."""
+        raise NotImplementedError(f"{self.name} credentials are not renewed")
+
+    def carry(self, old: Mapping[str, Any], new: dict[str, Any]) -> None:
+        """Copy into a renewed credential what it keeps of the old one (default: nothing
+        beyond what ``oauth.tokens.stored_token`` keeps)."""
+
+    def outcome(self, outcome: str) -> str:
+        """What a failed renewal's outcome (``oauth.decisions.Outcome``) means for this
+        type's connections (default: as classified)."""
+        return outcome

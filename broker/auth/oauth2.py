@@ -1,0 +1,80 @@
+"""``oauth2``: the authorization code flow, through the sign-in popup.
+
+Connected through a ticket from the trigger route and the popup (``oauth.service``,
+``web.popup``); what is stored is ``oauth.tokens.stored_token``'s; a node gets the access
+token, its type, expiry and scope, the per-connection settings and the kept extra fields
+(never the refresh token); renewed with the refresh token (``oauth.client.refresh``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import Request
+
+from ..catalog import OAuth2Provider, ProviderBase
+from ..errors import InvalidInput, TokenEndpointError
+from ..integrations import Integration
+from ..oauth import client
+from ..oauth.decisions import Outcome
+from ..oauth.tokens import node_view
+from ..providers import base_integration
+from .base import AuthKind
+
+if TYPE_CHECKING:
+    from ..runtime import Broker
+
+__all__ = ["KIND", "OAuth2Kind"]
+
+
+class OAuth2Kind(AuthKind):
+    name = "oauth2"
+    refreshable = True
+
+    @property
+    def spec(self) -> type[ProviderBase]:
+        return OAuth2Provider
+
+    def integration(self, spec: ProviderBase) -> Integration:
+        assert isinstance(spec, OAuth2Provider)
+        return _integration(spec)
+
+    def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
+        return node_view(stored)
+
+    async def renew(
+        self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        assert isinstance(spec, OAuth2Provider)
+        refresh_token = stored.get("refresh_token")
+        if not refresh_token:
+            raise TokenEndpointError(
+                f"{spec.display_name}: no refresh token was issued",
+                error="invalid_grant", status=None, retry_after=None,
+                outcome=Outcome.reauth,
+            )
+        return await client.refresh(
+            spec, refresh_token=refresh_token, settings=stored.get("settings") or {},
+            transport=broker.token_transport,
+        )
+
+
+def _integration(spec: OAuth2Provider) -> Integration:
+    """Connected through the sign-in popup (a ticket from its trigger route), not by
+    posting fields."""
+
+    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
+        raise InvalidInput(
+            f"{spec.display_name} is connected through its sign-in popup: ask for a ticket "
+            f"with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
+            field="name",
+        )
+
+    return base_integration(
+        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
+    )
+
+
+KIND = OAuth2Kind()

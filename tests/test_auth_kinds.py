@@ -1,0 +1,61 @@
+"""The auth-type registry (``broker.auth``): pure, no I/O."""
+
+from __future__ import annotations
+
+from broker.auth import kind, kinds
+from broker.catalog import (
+    ApiKeyProvider,
+    OAuth2ClientCredentialsProvider,
+    OAuth2Provider,
+    parse_provider,
+)
+
+
+def test_every_type_has_a_schema_and_says_whether_it_is_renewed() -> None:
+    assert {name: (k.spec, k.refreshable) for name, k in kinds().items()} == {
+        "apikey": (ApiKeyProvider, False),
+        "oauth2": (OAuth2Provider, True),
+        "oauth2_cc": (OAuth2ClientCredentialsProvider, True),
+    }
+
+
+def test_what_a_node_gets_is_the_types() -> None:
+    stored = {
+        "access_token": "at", "token_type": "Bearer", "expires_at": 1, "scope": None,
+        "refresh_token": "rt", "client": {"client_secret": "cs"},
+        "settings": {"tenant": "t"}, "extra": {"site": "s"},
+    }
+    for name in ("oauth2", "oauth2_cc"):
+        view = kind(name).node_view(stored)
+        assert "refresh_token" not in view and "client" not in view
+        assert view["tenant"] == "t" and view["site"] == "s"
+    assert kind("apikey").node_view({"api_key": "k"}) == {"api_key": "k"}
+
+
+def test_a_type_no_module_implements_is_handed_out_as_stored() -> None:
+    # The seed's AuthType.basic, stored by a plugin.
+    fallback = kind("basic")
+    assert not fallback.refreshable
+    assert fallback.node_view({"user": "u", "password": "p"}) == {"user": "u", "password": "p"}
+
+
+def test_the_catalog_takes_its_schemas_from_the_registry() -> None:
+    spec = parse_provider({
+        "name": "k", "display_name": "K", "auth_type": "apikey",
+        "fields": {"api_key": {"title": "Key"}},
+    })
+    assert isinstance(spec, kinds()["apikey"].spec)
+    try:
+        parse_provider({"name": "k", "display_name": "K", "auth_type": "nope"})
+    except ValueError as exc:
+        assert "apikey, oauth2, oauth2_cc" in str(exc)
+    else:
+        raise AssertionError("an unknown auth_type was accepted")
+
+
+def test_client_credentials_errors_are_the_users() -> None:
+    assert kind("oauth2_cc").outcome("operator") == "reauth"
+    assert kind("oauth2").outcome("operator") == "operator"
+    new: dict[str, object] = {}
+    kind("oauth2_cc").carry({"client": {"client_id": "x"}}, new)
+    assert new == {"client": {"client_id": "x"}}
