@@ -36,6 +36,7 @@ __all__ = [
     "ApiSpec",
     "Apply",
     "FieldSpec",
+    "FieldsProvider",
     "OAuth2ClientCredentialsProvider",
     "OAuth2Provider",
     "ProviderSpec",
@@ -191,10 +192,10 @@ class ProviderBase(_Model):
         return render_url(template, values, allowed_hosts=self.allowed_hosts)
 
 
-class ApiKeyProvider(ProviderBase):
-    """A provider whose credential is one or more values the user pastes."""
+class FieldsProvider(ProviderBase):
+    """A provider whose credential is values the user pastes into a form (the base of
+    ``apikey`` and ``basic``)."""
 
-    auth_type: Literal["apikey"]
     fields: dict[str, FieldSpec] = Field(min_length=1)
     apply: Apply | None = None
     verify: Verify | None = None
@@ -217,7 +218,7 @@ class ApiKeyProvider(ProviderBase):
         return self.apply or Apply()
 
     @model_validator(mode="after")
-    def _templates_name_fields(self) -> ApiKeyProvider:
+    def _templates_name_fields(self) -> FieldsProvider:
         known = set(self.fields)
         if self.apply is not None:
             missing = self.apply.names() - known
@@ -250,6 +251,10 @@ class ApiKeyProvider(ProviderBase):
                 f"{title} cannot be used to reach {self.display_name}.", field=exc.field
             ) from None
 
+    def stored(self, data: Mapping[str, str]) -> dict[str, str]:
+        """What is stored for the checked fields ``data`` (default: them)."""
+        return dict(data)
+
     def credential_hint(self, data: Mapping[str, str]) -> dict[str, str]:
         """What may be shown of a stored credential: non-secret fields, and secrets'
         last 4 characters when they are long enough for that to reveal little."""
@@ -281,6 +286,12 @@ class ApiKeyProvider(ProviderBase):
         headers = {k: render(v, data) for k, v in self.apply.headers.items()}
         query = {k: render(v, data) for k, v in self.apply.query.items()}
         return headers, query
+
+
+class ApiKeyProvider(FieldsProvider):
+    """A provider whose credential is one or more values the user pastes."""
+
+    auth_type: Literal["apikey"]
 
 
 class TokenEndpoint(_Model):

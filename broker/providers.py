@@ -15,10 +15,9 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .catalog import (
-    ApiKeyProvider,
+    FieldsProvider,
     OAuth2ClientCredentialsProvider,
     ProviderBase,
-    ProviderSpec,
     header_safe,
 )
 from .errors import CredentialRejected, InvalidInput, ProviderUnreachable
@@ -41,7 +40,7 @@ __all__ = [
 
 
 def check_fields(
-    spec: ApiKeyProvider | OAuth2ClientCredentialsProvider, body: Mapping[str, Any]
+    spec: FieldsProvider | OAuth2ClientCredentialsProvider, body: Mapping[str, Any]
 ) -> dict[str, str]:
     """The credential in ``body`` if it fits the spec's fields; else InvalidInput.
 
@@ -89,7 +88,7 @@ def check_fields(
 
 
 async def verify_credential(
-    spec: ApiKeyProvider, data: Mapping[str, str], *, client: httpx.AsyncClient | None = None
+    spec: FieldsProvider, data: Mapping[str, str], *, client: httpx.AsyncClient | None = None
 ) -> None:
     """Send the spec's verify request with the credential applied; only its status counts.
 
@@ -147,7 +146,7 @@ def check_api_values(spec: ProviderBase, values: Mapping[str, Any]) -> None:
 
 
 def base_integration(
-    spec: ProviderSpec, complete: Complete, *, trigger: str | None = None
+    spec: ProviderBase, complete: Complete, *, trigger: str | None = None
 ) -> Integration:
     name = spec.name
 

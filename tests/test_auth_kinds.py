@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.auth import kind, kinds
+from broker.auth.basic import BasicProvider
 from broker.catalog import (
     ApiKeyProvider,
     OAuth2ClientCredentialsProvider,
@@ -14,6 +15,7 @@ from broker.catalog import (
 def test_every_type_has_a_schema_and_says_whether_it_is_renewed() -> None:
     assert {name: (k.spec, k.refreshable) for name, k in kinds().items()} == {
         "apikey": (ApiKeyProvider, False),
+        "basic": (BasicProvider, False),
         "oauth2": (OAuth2Provider, True),
         "oauth2_cc": (OAuth2ClientCredentialsProvider, True),
     }
@@ -33,8 +35,7 @@ def test_what_a_node_gets_is_the_types() -> None:
 
 
 def test_a_type_no_module_implements_is_handed_out_as_stored() -> None:
-    # The seed's AuthType.basic, stored by a plugin.
-    fallback = kind("basic")
+    fallback = kind("saml")
     assert not fallback.refreshable
     assert fallback.node_view({"user": "u", "password": "p"}) == {"user": "u", "password": "p"}
 
@@ -48,7 +49,7 @@ def test_the_catalog_takes_its_schemas_from_the_registry() -> None:
     try:
         parse_provider({"name": "k", "display_name": "K", "auth_type": "nope"})
     except ValueError as exc:
-        assert "apikey, oauth2, oauth2_cc" in str(exc)
+        assert "apikey, basic, oauth2, oauth2_cc" in str(exc)
     else:
         raise AssertionError("an unknown auth_type was accepted")
 

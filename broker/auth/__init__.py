@@ -1,13 +1,14 @@
 """Auth types: one module each, behind one protocol (``base.AuthKind``), found by name.
 
     apikey              values the user pastes (apikey.py)
+    basic               a user name and a password, as Authorization: Basic (basic.py)
     oauth2              authorization code with a sign-in popup (oauth2.py)
     oauth2_cc           client credentials the user submits (client_credentials.py)
 
 Adding a type is adding a module with its ``AuthKind`` and its provider schema, and naming
 the module in ``MODULES``. ``kind(auth_type)`` gives the type of a provider or of a stored
-connection; a connection stored by a plugin under a type the broker does not implement
-(the seed's ``basic``) is handed to nodes as it was stored.
+connection; a connection stored under a type no module implements is handed to nodes as
+it was stored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .base import AuthKind
 
 __all__ = ["AuthKind", "kind", "kinds"]
 
-MODULES = ("apikey", "oauth2", "client_credentials")
+MODULES = ("apikey", "basic", "oauth2", "client_credentials")
 
 
 class _Stored(AuthKind):

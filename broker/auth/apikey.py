@@ -13,13 +13,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
-from ..catalog import ApiKeyProvider, ProviderBase
+from ..catalog import ApiKeyProvider, FieldsProvider, ProviderBase
 from ..errors import InvalidInput
 from ..integrations import Integration, register_custom_integration
 from ..providers import base_integration, check_api_values, check_fields, verify_credential
 from .base import AuthKind
 
-__all__ = ["KIND", "ApiKeyKind"]
+__all__ = ["KIND", "ApiKeyKind", "form_integration"]
 
 
 class ApiKeyKind(AuthKind):
@@ -31,10 +31,11 @@ class ApiKeyKind(AuthKind):
 
     def integration(self, spec: ProviderBase) -> Integration:
         assert isinstance(spec, ApiKeyProvider)
-        return _integration(spec)
+        return form_integration(spec)
 
 
-def _integration(spec: ApiKeyProvider) -> Integration:
+def form_integration(spec: FieldsProvider) -> Integration:
+    """Connected by posting the spec's fields to the trigger route (see the module doc)."""
     name = spec.name
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
@@ -45,7 +46,7 @@ def _integration(spec: ApiKeyProvider) -> Integration:
         check_api_values(spec, data)
         await verify_credential(spec, data)
         return await register_custom_integration(
-            db, group, name, data, hint=spec.credential_hint(data)
+            db, group, name, spec.stored(data), hint=spec.credential_hint(data)
         )
 
     return base_integration(spec, complete)

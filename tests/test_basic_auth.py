@@ -1,0 +1,125 @@
+"""auth_type ``basic`` end to end against the test API server, which checks
+``Authorization: Basic`` as a provider does: connect (verified), the credential a node
+gets, ctx.client and the proxy; a refused credential stores nothing."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from broker.auth.basic import BasicProvider, basic_authorization
+from broker.catalog import parse_provider
+from broker.nodes import ExecutionContext
+from tests import oauth_support
+from tests.apiserver import ApiServer
+
+live_factory = oauth_support.live_factory
+
+SID, TOKEN = "AC" + "0" * 32, "auth-token-0123456789"
+
+
+def twilio_like(apiserver: ApiServer, **extra: Any) -> dict[str, Any]:
+    return {
+        "display_name": "Twilio-like",
+        "auth_type": "basic",
+        "fields": {
+            "username": {"title": "Account SID", "secret": False, "pattern": "^AC[0-9a-f]{32}$"},
+            "password": {"title": "Auth Token"},
+        },
+        "verify": {"url": f"{apiserver.url}/basic/status/200"},
+        "api": {"base_url": f"{apiserver.url}/basic"},
+        **extra,
+    }
+
+
+def freshdesk_like(apiserver: ApiServer) -> dict[str, Any]:
+    return {
+        "display_name": "Freshdesk-like",
+        "auth_type": "basic",
+        "fields": {"username": {"title": "API key"}},
+        "password": "X",
+        "verify": {"url": f"{apiserver.url}/basic/status/200"},
+        "api": {"base_url": f"{apiserver.url}/basic"},
+    }
+
+
+async def test_basic_connects_verified_and_calls_the_api_both_ways(
+    live_factory: Callable[..., Any], apiserver: ApiServer
+) -> None:
+    apiserver.config.basic_users = {SID: TOKEN, "fd-key-0123456789": "X"}
+    async with live_factory(extra_providers={
+        "twilio": twilio_like(apiserver), "freshdesk": freshdesk_like(apiserver),
+    }) as live:
+        r = await live.service.get("/groups/g1/integrations")
+        listed = {i["name"]: i for i in r.json()["integrations"]}
+        assert listed["twilio"]["auth_type"] == "basic"
+        assert set(listed["twilio"]["fields"]) == {"username", "password"}
+        assert set(listed["freshdesk"]["fields"]) == {"username"}
+
+        r = await live.service.post("/groups/g1/integrations/custom/twilio",
+                                    json={"username": SID, "password": TOKEN})
+        assert r.status_code == 200, r.text
+        r = await live.service.post("/groups/g1/integrations/custom/freshdesk",
+                                    json={"username": "fd-key-0123456789"})
+        assert r.status_code == 200, r.text
+        assert [x.principal for x in apiserver.requests] == [SID, "fd-key-0123456789"]
+
+        ctx = ExecutionContext.local(live.broker, "g1")
+        got = await ctx.custom_integration("twilio")
+        assert got == {"username": SID, "password": TOKEN,
+                       "authorization": basic_authorization(SID, TOKEN)}
+        assert base64.b64decode(got["authorization"].split()[1]) == f"{SID}:{TOKEN}".encode()
+        async with ctx.client("freshdesk") as api:
+            r = await api.get("/echo")
+        assert r.status_code == 200 and r.json()["principal"] == "fd-key-0123456789"
+        r = await live.service.get("/groups/g1/integrations/twilio/proxy/echo")
+        assert r.status_code == 200 and r.json()["principal"] == SID
+
+
+async def test_a_refused_basic_credential_stores_nothing(
+    live_factory: Callable[..., Any], apiserver: ApiServer
+) -> None:
+    apiserver.config.basic_users = {SID: TOKEN}
+    async with live_factory(extra_providers={"twilio": twilio_like(apiserver)}) as live:
+        r = await live.service.post("/groups/g1/integrations/custom/twilio",
+                                    json={"username": SID, "password": "wrong"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "credential_rejected"
+        assert "wrong" not in r.text
+        r = await live.service.post("/groups/g1/integrations/custom/twilio",
+                                    json={"username": "not-a-sid", "password": TOKEN})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "username"
+        async with live.broker.session() as db:
+            assert await live.broker.repository.get(db, "g1", "twilio") is None
+
+
+def _spec(**data: Any) -> Any:
+    return parse_provider({"name": "b", "display_name": "B", "auth_type": "basic", **data})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"fields": {"username": {"title": "U"}}},  # no password at all
+        {"fields": {"username": {"title": "U"}, "password": {"title": "P"}}, "password": "X"},
+        {"fields": {"password": {"title": "P"}}},
+        {"fields": {"username": {"title": "U"}, "token": {"title": "T"}}, "password": "X"},
+        {"fields": {"username": {"title": "U"}}, "password": "a:b"},
+        {"fields": {"username": {"title": "U"}}, "password": "X",
+         "apply": {"headers": {"X-Key": "{username}"}}},
+    ],
+)
+def test_a_basic_schema_is_two_fields(data: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        _spec(**data)
+
+
+def test_the_header_is_rfc_7617() -> None:
+    spec = _spec(fields={"username": {"title": "U"}}, password="X")
+    assert isinstance(spec, BasicProvider)
+    assert spec.apply_to({"username": "Aladdin"}) == (
+        {"Authorization": "Basic " + base64.b64encode(b"Aladdin:X").decode()}, {}
+    )
+    assert basic_authorization("Aladdin", "open sesame") == "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
