@@ -303,6 +303,10 @@ class TokenEndpoint(_Model):
     )
     token_request_format: Literal["form", "json"] = "form"
     token_params: dict[str, str] = {}
+    """Extra parameters on every token request: the code exchange, a refresh, a client
+    credentials request (Zendesk's ``expires_in``)."""
+    exchange_params: dict[str, str] = {}
+    """Extra parameters on the code exchange and client credentials requests only."""
     default_scopes: list[str] = []
     scopes: list[str] = []
     """Per-deployment scopes, requested in addition to ``default_scopes``."""
@@ -334,6 +338,7 @@ class OAuth2Provider(ProviderBase, TokenEndpoint):
     ``authorization_response_iss_parameter_supported``): a missing one is refused."""
     authorization_params: dict[str, str] = {}
     refresh_params: dict[str, str] = {}
+    """Extra parameters on refresh requests only (after ``token_params``)."""
     pkce: bool = True
     settings: dict[str, FieldSpec] = {}
     """Per-connection values the user supplies before the popup (e.g. a subdomain);

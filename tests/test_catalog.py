@@ -387,7 +387,7 @@ def test_zendesk_subdomain_accepts_real_labels(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", OAUTH2_NAMES)
 def test_oauth2_has_no_client_credentials_or_secrets_in_params(name: str) -> None:
     raw = _raw(CATALOG / f"{name}.yaml")
-    for key in ("authorization_params", "token_params", "refresh_params"):
+    for key in ("authorization_params", "token_params", "exchange_params", "refresh_params"):
         params = raw.get(key) or {}
         assert isinstance(params, dict)
         for param in params:

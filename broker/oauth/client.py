@@ -244,7 +244,7 @@ async def exchange_code(
 ) -> dict[str, Any]:
     """The token response for an authorization code (PKCE verifier when the flow used one)."""
     assert spec.client_id is not None
-    params: dict[str, Any] = dict(spec.token_params)
+    params: dict[str, Any] = {**spec.token_params, **spec.exchange_params}
     if code_verifier is not None:
         params["code_verifier"] = code_verifier
     url = _url(spec, spec.token_url, settings)
@@ -282,7 +282,7 @@ async def refresh(
 
     async def call(client: AsyncOAuth2Client) -> Mapping[str, Any]:
         token: Mapping[str, Any] = await client.refresh_token(
-            url, refresh_token=refresh_token, **spec.refresh_params
+            url, refresh_token=refresh_token, **{**spec.token_params, **spec.refresh_params}
         )
         return token
 
@@ -305,7 +305,7 @@ async def client_credentials(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict[str, Any]:
     """A token for the client credentials grant."""
-    params: dict[str, Any] = dict(spec.token_params)
+    params: dict[str, Any] = {**spec.token_params, **spec.exchange_params}
     scope = spec.scope_string(scopes)
     if scope:
         params["scope"] = scope
