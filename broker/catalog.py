@@ -316,7 +316,10 @@ class TokenEndpoint(_Model):
     extra_fields: dict[str, str] = {}
     """Values kept from the token response for nodes: ``{name: dotted.path}``."""
     default_lifetime_seconds: int = Field(default=3600, ge=5, le=90 * 86400)
-    """Lifetime assumed when a token response has no usable ``expires_in``."""
+    """Lifetime assumed when a token response has no usable ``expires_in`` (and it can be
+    renewed: a refresh token came, or the grant can be asked again)."""
+    expires: Literal["when_told", "never"] = "when_told"
+    """``never``: the provider's tokens do not expire, whatever a response says."""
     timeout_seconds: float = Field(default=15.0, gt=0, le=120)
 
     def scope_string(self, extra: list[str] | None = None) -> str | None:

@@ -456,6 +456,7 @@ class Credentials:
             return await self._failed(group_id, integration, row, old, exc)
         spec = integration.provider
         assert isinstance(spec, TokenEndpoint)
+        auth_type = integration.provider.auth_type if integration.provider else ""
         now = broker.now()
         try:
             token = stored_token(
@@ -467,6 +468,8 @@ class Credentials:
                 previous_refresh_token=old.get("refresh_token"),
                 previous_extra=old.get("extra"),
                 settings=old.get("settings"),
+                expires=spec.expires,
+                renewable=kind(auth_type).renews_without_refresh_token,
             )
         except ValueError as exc:
             failure = TokenEndpointError(

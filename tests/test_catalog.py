@@ -438,8 +438,9 @@ def test_oauth2_provider_specific_parameters(tmp_path: Path) -> None:
     assert slack.extra_fields["team_id"] == "team.id"
     assert " " not in slack.authorization_params["user_scope"]  # comma-separated
     assert load_oauth2(tmp_path, "github").default_scopes == ["read:user"]
-    # Tokens without expires_in that never expire get the longest lifetime the schema allows.
-    assert load_oauth2(tmp_path, "github").default_lifetime_seconds == 90 * 86400
+    # OAuth App tokens (no expires_in, no refresh token) are stored as not expiring: no
+    # 90-day stand-in lifetime any more.
+    assert "default_lifetime_seconds" not in _raw(CATALOG / "github.yaml")
 
 
 @pytest.mark.parametrize("name", OAUTH2_NAMES)

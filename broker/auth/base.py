@@ -30,6 +30,9 @@ class AuthKind:
     """The ``auth_type`` of its provider files and stored connections."""
     refreshable: ClassVar[bool] = False
     """Whether its credential is a token the refresh engine renews before expiry."""
+    renews_without_refresh_token: ClassVar[bool] = False
+    """Whether a renewal needs no refresh token (the client credentials grant is asked
+    again): a token of such a type never counts as non-expiring for lacking one."""
 
     @property
     def spec(self) -> type[ProviderBase]:

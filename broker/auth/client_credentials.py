@@ -35,6 +35,7 @@ __all__ = ["KIND", "ClientCredentialsKind"]
 class ClientCredentialsKind(AuthKind):
     name = "oauth2_cc"
     refreshable = True
+    renews_without_refresh_token = True
 
     @property
     def spec(self) -> type[ProviderBase]:
@@ -106,6 +107,7 @@ def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
             token = stored_token(
                 response, now=now, default_lifetime=spec.default_lifetime_seconds,
                 token_path=spec.token_path, extra_fields=spec.extra_fields,
+                expires=spec.expires, renewable=True,
             )
         except ValueError:
             raise ProviderUnreachable(

@@ -313,6 +313,7 @@ async def finish(
             token_path=spec.token_path,
             extra_fields=spec.extra_fields,
             settings=flow.settings,
+            expires=spec.expires,
         )
     except ValueError:
         raise FlowFailed(

@@ -61,8 +61,15 @@ def stored_token(
     previous_refresh_token: str | None = None,
     previous_extra: Mapping[str, Any] | None = None,
     settings: Mapping[str, str] | None = None,
+    expires: str = "when_told",
+    renewable: bool = False,
 ) -> dict[str, Any]:
     """The credential to store from a token endpoint response.
+
+    A token that does not expire has ``expires_at`` None: one whose provider says so
+    (``expires="never"``), and one that comes with no usable ``expires_in`` and no refresh
+    token (GitHub OAuth Apps, Slack without rotation) when nothing else could renew it
+    (``renewable``: client credentials can be asked again; then the default lifetime).
 
     Raises ValueError (naming no value) when there is no access token.
     Keeps ``previous_refresh_token`` when the response carries none, and previous extra
@@ -78,13 +85,17 @@ def stored_token(
     access_token = token.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise ValueError("token response has no access_token")
-    lifetime = lifetime_seconds(token.get("expires_in"), default_lifetime)
     refresh_token = token.get("refresh_token") or previous_refresh_token
+    told = lifetime_seconds(token.get("expires_in"), 0)
+    never = expires == "never" or (not told and not refresh_token and not renewable)
+    lifetime = None if never else told or lifetime_seconds(None, default_lifetime)
     scope = token.get("scope", response.get("scope"))
     stored: dict[str, Any] = {
         "access_token": access_token,
         "token_type": str(token.get("token_type") or "Bearer"),
-        "expires_at": int((now + timedelta(seconds=lifetime)).timestamp()),
+        "expires_at": (
+            None if lifetime is None else int((now + timedelta(seconds=lifetime)).timestamp())
+        ),
         "scope": scope if isinstance(scope, str) else None,
         "lifetime": lifetime,
     }
