@@ -30,6 +30,7 @@ KINDS = (
     "reauth_required",
     "recovered",
     "disconnected",
+    "revoked",
     "corrupt",
 )
 # Built once, parameters bound per call: no statement built, no cache key computed and no

@@ -14,13 +14,14 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .auth import kind
 from .catalog import (
     FieldsProvider,
     OAuth2ClientCredentialsProvider,
     ProviderBase,
     header_safe,
 )
-from .errors import CredentialRejected, InvalidInput, ProviderUnreachable
+from .errors import CredentialCorrupt, CredentialRejected, InvalidInput, ProviderUnreachable
 from .integrations import (
     AuthType,
     Complete,
@@ -29,6 +30,7 @@ from .integrations import (
     OauthConfig,
     disconnect_custom_integration,
 )
+from .revocations import after_commit
 
 __all__ = [
     "base_integration",
@@ -166,7 +168,19 @@ def base_integration(
         return str(info.status)
 
     async def remove(db: AsyncSession, group: Any, _request: Any) -> bool:
-        return await disconnect_custom_integration(db, group, name)
+        broker = db.info["broker"]
+        group_id = str(group.id)
+        stored = None
+        if kind(spec.auth_type).revocable(spec):
+            try:
+                found = await broker.repository.get(db, group_id, name)
+            except CredentialCorrupt:
+                found = None  # nothing to revoke with
+            stored = found.data if found is not None else None
+        removed = await disconnect_custom_integration(db, group, name)
+        if removed and stored is not None:
+            after_commit(db, lambda: broker.revocations.start(group_id, name, spec, stored))
+        return removed
 
     return Integration(
         name=spec.display_name,

@@ -36,6 +36,7 @@ from .oauth import client
 from .plugins import load_plugins
 from .providers import integration_for
 from .refresh import keep_alive_at, next_refresh_at
+from .revocations import Revocations
 from .store.database import Database
 from .store.repository import Repository, utcnow
 
@@ -64,6 +65,7 @@ class Broker:
             keyring, clock=lambda: self.clock(), webhooks=settings.webhooks
         )
         self.tokens = Credentials(self)
+        self.revocations = Revocations(self)
         # One keep-alive connection pool for every token request (see oauth.client).
         self.token_transport = client.token_transport()
         # One pool for calls to providers' APIs (the proxy route and ctx.client).
@@ -150,6 +152,7 @@ class Broker:
         return offset
 
     async def close(self) -> None:
+        await self.revocations.drain()
         await self.tokens.cache.close()
         await self.token_transport.aclose()
         await self.api_client.aclose()

@@ -6,7 +6,8 @@ files look like (``spec``, a ``catalog.ProviderBase`` subclass), how a connectio
 and what a node gets of it (``node_view``), whether the refresh engine renews it
 (``refreshable``) and how (``renew``: the token request; the engine's single flight,
 leases and outcomes are shared by every refreshable type, in ``credentials``), and what a
-refreshed credential keeps of the old one (``carry``). How the credential goes on a
+refreshed credential keeps of the old one (``carry``), and whether and how a disconnected
+one is revoked at the provider (``revocable``, ``revoke``). How the credential goes on a
 request is the spec's (``ProviderBase.default_auth``, overridden by ``api.auth``).
 """
 
@@ -53,6 +54,18 @@ class AuthKind:
         """The token endpoint's answer to a renewal of ``stored`` (refreshable types).
         Raises TokenEndpointError."""
         raise NotImplementedError(f"{self.name} credentials are not renewed")
+
+    def revocable(self, spec: ProviderBase) -> bool:
+        """Whether a disconnected credential of ``spec`` is revoked at the provider."""
+        return False
+
+    async def revoke(
+        self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
+    ) -> str:
+        """Revoke a disconnected credential at the provider (``revocable`` types); the
+        outcome for the event: ``revoked``, ``refused`` (an error status) or
+        ``unreachable``. Never raises for the provider's failures."""
+        raise NotImplementedError(f"{self.name} credentials are not revoked")
 
     def carry(self, old: Mapping[str, Any], new: dict[str, Any]) -> None:
         """Copy into a renewed credential what it keeps of the old one (default: nothing

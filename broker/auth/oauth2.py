@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
@@ -59,6 +60,30 @@ class OAuth2Kind(AuthKind):
             spec, refresh_token=refresh_token, settings=stored.get("settings") or {},
             transport=broker.token_transport,
         )
+
+    def revocable(self, spec: ProviderBase) -> bool:
+        return isinstance(spec, OAuth2Provider) and spec.revocation_url is not None
+
+    async def revoke(
+        self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
+    ) -> str:
+        assert isinstance(spec, OAuth2Provider)
+        # The refresh token when there is one: revoking it ends the grant (RFC 7009 2.1).
+        refresh_token = stored.get("refresh_token")
+        token, hint = (
+            (refresh_token, "refresh_token") if refresh_token
+            else (stored.get("access_token"), "access_token")
+        )
+        if not isinstance(token, str) or not token:
+            return "refused"
+        try:
+            status = await client.revoke(
+                spec, token=token, token_type_hint=hint,
+                settings=stored.get("settings") or {}, transport=broker.token_transport,
+            )
+        except (httpx.HTTPError, InvalidInput, OSError):
+            return "unreachable"
+        return "revoked" if status == 200 else "refused"
 
 
 def _integration(spec: OAuth2Provider) -> Integration:

@@ -30,7 +30,7 @@ from ..errors import InvalidInput, TokenEndpointError
 from .decisions import Outcome, classify, safe_error_code
 from .tokens import lifetime_seconds
 
-__all__ = ["client_credentials", "exchange_code", "refresh", "token_transport"]
+__all__ = ["client_credentials", "exchange_code", "refresh", "revoke", "token_transport"]
 
 Spec = OAuth2Provider | OAuth2ClientCredentialsProvider
 
@@ -293,6 +293,36 @@ async def refresh(
         call,
         transport=transport,
     )
+
+
+async def revoke(
+    spec: OAuth2Provider,
+    *,
+    token: str,
+    token_type_hint: str,
+    settings: Mapping[str, str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> int:
+    """Revoke ``token`` at the provider's ``revocation_url`` (RFC 7009, with the broker's
+    client authentication); the status of the answer. Raises httpx.HTTPError when the
+    endpoint cannot be reached; InvalidInput when a setting cannot be used in its URL."""
+    assert spec.client_id is not None and spec.revocation_url is not None
+    url = _url(spec, spec.revocation_url, settings)
+    inner: httpx.AsyncBaseTransport = (
+        _Borrowed(transport) if transport is not None
+        else httpx.AsyncHTTPTransport(verify=_tls_context())
+    )
+    client = AsyncOAuth2Client(
+        client_id=spec.client_id.get_secret_value(),
+        client_secret=spec.client_secret.get_secret_value() if spec.client_secret else None,
+        token_endpoint_auth_method=spec.token_endpoint_auth_method,
+        timeout=spec.timeout_seconds,
+        transport=inner,
+        follow_redirects=False,
+    )
+    async with client:
+        response = await client.revoke_token(url, token=token, token_type_hint=token_type_hint)
+    return int(response.status_code)
 
 
 async def client_credentials(

@@ -167,11 +167,14 @@ def _after_commit(session: Session) -> None:
     broker = session.info.get("broker")
     if changed and broker is not None:
         broker.tokens.cache.invalidate(changed)
+    for action in session.info.pop("broker.after_commit", ()):
+        action()  # revocations.after_commit: schedules work, never raises
 
 
 @event.listens_for(BrokerSession, "after_rollback")
 def _after_rollback(session: Session) -> None:
     session.info.pop("broker.changed", None)
+    session.info.pop("broker.after_commit", None)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
