@@ -1,37 +1,22 @@
 """The test provider API: lifecycle (uvicorn in a thread) and the Python API tests use.
 
-The lifecycle is the test authorization server's (``tests/authserver/server.py``): a socket
-bound to a free 127.0.0.1 port, uvicorn serving it from a daemon thread with its own event
-loop, and a stop that wakes that loop at once.
+The lifecycle is ``tests/threaded_uvicorn.py``'s, shared with the test authorization
+server; the client that asks the authorization server about tokens lives in its loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
-import threading
-import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import uvicorn
+
+from tests.threaded_uvicorn import ThreadedUvicorn
 
 from .app import build_app
 from .journal import Journal, RequestRecord
-
-
-class _UvicornServer(uvicorn.Server):
-    """uvicorn.Server that exits as soon as asked (stock main_loop polls every 0.1 s)."""
-
-    wake: asyncio.Event | None = None
-
-    async def main_loop(self) -> None:
-        assert self.wake is not None
-        while not await self.on_tick(0):  # tick 0: refresh the Date header every pass
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), 1.0)
 
 
 @dataclass
@@ -55,10 +40,7 @@ class ApiServer:
             setattr(self.config, key, value)
         self.journal = Journal()
         self.port = 0
-        self._server: _UvicornServer | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
+        self._uvicorn = ThreadedUvicorn("apiserver")
         self._http: httpx.AsyncClient | None = None  # lives in the server loop
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,49 +56,18 @@ class ApiServer:
         return self._http
 
     def start(self) -> ApiServer:
-        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only then.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            build_app(self),
-            lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-        self._server = server = _UvicornServer(config)
-
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stopping = server.wake = asyncio.Event()
+        @contextlib.asynccontextmanager
+        async def client() -> AsyncIterator[None]:
             async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
                 self._http = http
-                await server.serve(sockets=[sock])
+                yield
 
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(main(),), name=f"apiserver:{self.port}", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("the test API server did not start")
-            time.sleep(0.005)
+        self.port = self._uvicorn.start(build_app(self), inside=client)
         return self
 
     def stop(self) -> None:
         """Stop serving; requests in ``/slow`` are cut short. Idempotent."""
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=10)
-        self._server = self._thread = None
+        self._uvicorn.stop()
 
     def __enter__(self) -> ApiServer:
         return self.start()
@@ -126,9 +77,7 @@ class ApiServer:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep in the server loop, cut short when the server stops."""
-        assert self._stopping is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await self._uvicorn.sleep(seconds)
 
     # ------------------------------------------------------------------ what it saw
     @property

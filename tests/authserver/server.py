@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
-import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -15,25 +11,14 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 import httpx
-import uvicorn
+
+from tests.threaded_uvicorn import ThreadedUvicorn
 
 from .app import build_app
 from .consent import adrive_consent, drive_consent
 from .faults import Fault, Faults
 from .models import Client, RequestRecord, Store, Token
 from .oauth import OAuthServer
-
-
-class _UvicornServer(uvicorn.Server):
-    """uvicorn.Server that exits as soon as asked (stock main_loop polls every 0.1 s)."""
-
-    wake: asyncio.Event | None = None
-
-    async def main_loop(self) -> None:
-        assert self.wake is not None
-        while not await self.on_tick(0):  # tick 0: refresh the Date header every pass
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), 1.0)
 
 
 @dataclass
@@ -72,10 +57,7 @@ class AuthServer:
         self.faults = Faults()
         self.port = 0
         self.oauth = OAuthServer(self.store, self.config, lambda: self.issuer)
-        self._server: _UvicornServer | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
+        self._uvicorn = ThreadedUvicorn("authserver")
         self._http: httpx.Client | None = None  # the consent user agent, made on first use
 
     # ------------------------------------------------------------------ lifecycle
@@ -108,48 +90,11 @@ class AuthServer:
         return self.base_url + "/.well-known/oauth-authorization-server"
 
     def start(self) -> AuthServer:
-        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only then
-        # (without it every response body waits ~40 ms for a delayed ACK).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            build_app(self),
-            lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-        self._server = server = _UvicornServer(config)
-
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stopping = server.wake = asyncio.Event()
-            await server.serve(sockets=[sock])
-
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(main(),), name=f"authserver:{self.port}", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("the test authorization server did not start")
-            time.sleep(0.005)
+        self.port = self._uvicorn.start(build_app(self))
         return self
 
     def stop(self) -> None:
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        if self._loop is not None and self._stopping is not None:
-            # wakes the main loop and any handler stalled by a fault
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=10)
-        self._server = self._thread = None
+        self._uvicorn.stop()
         if self._http is not None:
             self._http.close()
             self._http = None
@@ -162,9 +107,7 @@ class AuthServer:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep in the server loop, cut short when the server stops."""
-        assert self._stopping is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await self._uvicorn.sleep(seconds)
 
     # ------------------------------------------------------------------ clients
     def register_client(
