@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import Request
 
 from .auth import kind
 from .catalog import (
@@ -37,6 +38,7 @@ __all__ = [
     "check_api_values",
     "check_fields",
     "integration_for",
+    "read_fields",
     "verify_credential",
 ]
 
@@ -87,6 +89,17 @@ def check_fields(
     if problems:
         raise InvalidInput(problems[0]["message"], field=problems[0]["field"], errors=problems)
     return data
+
+
+async def read_fields(
+    spec: FieldsProvider | OAuth2ClientCredentialsProvider, request: Request
+) -> dict[str, str]:
+    """The posted JSON object's fields, checked (``check_fields``); InvalidInput for a
+    body that is not a JSON object."""
+    body = await request.json()
+    if not isinstance(body, dict):
+        raise InvalidInput("expected a JSON object of fields")
+    return check_fields(spec, body)
 
 
 async def verify_credential(

@@ -14,9 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
 from ..catalog import ApiKeyProvider, FieldsProvider, ProviderBase
-from ..errors import InvalidInput
 from ..integrations import Integration, register_custom_integration
-from ..providers import base_integration, check_api_values, check_fields, verify_credential
+from ..providers import base_integration, check_api_values, read_fields, verify_credential
 from .base import AuthKind
 
 __all__ = ["KIND", "ApiKeyKind", "form_integration"]
@@ -39,10 +38,7 @@ def form_integration(spec: FieldsProvider) -> Integration:
     name = spec.name
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise InvalidInput("expected a JSON object of fields")
-        data = check_fields(spec, body)
+        data = await read_fields(spec, request)
         check_api_values(spec, data)
         await verify_credential(spec, data)
         return await register_custom_integration(

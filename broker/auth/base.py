@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..oauth.tokens import node_view
+
 if TYPE_CHECKING:
     from ..catalog import ProviderBase
     from ..integrations import Integration
     from ..runtime import Broker
 
-__all__ = ["AuthKind"]
+__all__ = ["AuthKind", "TokenKind"]
 
 
 class AuthKind:
@@ -75,3 +77,13 @@ class AuthKind:
         """What a failed renewal's outcome (``oauth.decisions.Outcome``) means for this
         type's connections (default: as classified)."""
         return outcome
+
+
+class TokenKind(AuthKind):
+    """A type whose credential is an OAuth2 token the refresh engine renews: a node gets
+    ``oauth.tokens.node_view`` of it (never the refresh token or client credentials)."""
+
+    refreshable = True
+
+    def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
+        return node_view(stored)

@@ -18,13 +18,13 @@ from starlette.requests import Request
 
 from ..catalog import OAuth2ClientCredentialsProvider, ProviderBase
 from ..credentials import expiry
-from ..errors import CredentialRejected, InvalidInput, ProviderUnreachable, TokenEndpointError
+from ..errors import CredentialRejected, ProviderUnreachable, TokenEndpointError
 from ..integrations import Integration
 from ..oauth import client
 from ..oauth.decisions import Outcome
 from ..oauth.tokens import node_view, stored_token
-from ..providers import base_integration, check_api_values, check_fields
-from .base import AuthKind
+from ..providers import base_integration, check_api_values, read_fields
+from .base import TokenKind
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -32,9 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["KIND", "ClientCredentialsKind"]
 
 
-class ClientCredentialsKind(AuthKind):
+class ClientCredentialsKind(TokenKind):
     name = "oauth2_cc"
-    refreshable = True
     renews_without_refresh_token = True
 
     @property
@@ -45,22 +44,11 @@ class ClientCredentialsKind(AuthKind):
         assert isinstance(spec, OAuth2ClientCredentialsProvider)
         return _integration(spec)
 
-    def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
-        return node_view(stored)
-
     async def renew(
         self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
     ) -> Mapping[str, Any]:
         assert isinstance(spec, OAuth2ClientCredentialsProvider)
-        creds = stored.get("client") or {}
-        return await client.client_credentials(
-            spec,
-            client_id=creds.get("client_id", ""),
-            client_secret=creds.get("client_secret", ""),
-            scopes=creds.get("scopes"),
-            audience=creds.get("audience"),
-            transport=broker.token_transport,
-        )
+        return await _request(broker, spec, stored.get("client") or {})
 
     def carry(self, old: Mapping[str, Any], new: dict[str, Any]) -> None:
         if "client" in old:
@@ -71,26 +59,35 @@ class ClientCredentialsKind(AuthKind):
         return Outcome.reauth if outcome == Outcome.operator else outcome
 
 
+async def _request(
+    broker: Broker, spec: OAuth2ClientCredentialsProvider, creds: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """A token for the client credentials ``creds`` (as stored under ``client``)."""
+    return await client.client_credentials(
+        spec,
+        client_id=creds.get("client_id", ""),
+        client_secret=creds.get("client_secret", ""),
+        scopes=creds.get("scopes"),
+        audience=creds.get("audience"),
+        transport=broker.token_transport,
+    )
+
+
 def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
     """Connected by submitting a client id and secret; the broker fetches the token."""
     name = spec.name
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise InvalidInput("expected a JSON object of fields")
-        data = check_fields(spec, body)
-        scopes = data.get("scopes", "").split() or None
+        data = await read_fields(spec, request)
+        creds = {
+            "client_id": data["client_id"],
+            "client_secret": data["client_secret"],
+            "scopes": data.get("scopes", "").split() or None,
+            "audience": data.get("audience"),
+        }
         broker = db.info["broker"]
         try:
-            response = await client.client_credentials(
-                spec,
-                client_id=data["client_id"],
-                client_secret=data["client_secret"],
-                scopes=scopes,
-                audience=data.get("audience"),
-                transport=broker.token_transport,
-            )
+            response = await _request(broker, spec, creds)
         except TokenEndpointError as exc:
             reason = f" ({exc.error})" if exc.error else ""
             if exc.outcome == Outcome.transient:
@@ -114,12 +111,7 @@ def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
                 f"{spec.display_name} answered without an access token."
             ) from None
         check_api_values(spec, node_view(token))
-        token["client"] = {
-            "client_id": data["client_id"],
-            "client_secret": data["client_secret"],
-            "scopes": scopes,
-            "audience": data.get("audience"),
-        }
+        token["client"] = creds
         expires_at = expiry(token)
         await broker.repository.put(
             db, str(group.id), name, token, auth_type=spec.auth_type,

@@ -20,9 +20,8 @@ from ..errors import InvalidInput, TokenEndpointError
 from ..integrations import Integration
 from ..oauth import client
 from ..oauth.decisions import Outcome
-from ..oauth.tokens import node_view
 from ..providers import base_integration
-from .base import AuthKind
+from .base import TokenKind
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -30,9 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["KIND", "OAuth2Kind"]
 
 
-class OAuth2Kind(AuthKind):
+class OAuth2Kind(TokenKind):
     name = "oauth2"
-    refreshable = True
 
     @property
     def spec(self) -> type[ProviderBase]:
@@ -41,9 +39,6 @@ class OAuth2Kind(AuthKind):
     def integration(self, spec: ProviderBase) -> Integration:
         assert isinstance(spec, OAuth2Provider)
         return _integration(spec)
-
-    def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
-        return node_view(stored)
 
     async def renew(
         self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
