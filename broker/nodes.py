@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .client import ConnectionHandle, ProviderClient
+from .client import ConnectionHandle, ProviderClient, SharedTransport
 from .errors import (
     HTTPError,
     IntegrationNotConnected,
@@ -113,9 +113,11 @@ class RemoteSource:
         self, base_url: str, token: str, *, client: httpx.AsyncClient | None = None
     ) -> None:
         self._client = client or httpx.AsyncClient(timeout=30.0)
-        # Clients made by ``client()`` share the given client's transport (tests pass one
-        # that reaches an app in process).
-        self._transport = client._transport if client is not None else None
+        # Clients made by ``client()`` use the given client's transport (tests pass one that
+        # reaches an app in process), never closing it: it stays the caller's.
+        self._transport = (
+            SharedTransport(client._transport) if client is not None else None
+        )
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
 

@@ -27,7 +27,7 @@ from broker.errors import (
 )
 from broker.nodes import ExecutionContext
 from tests import logging_support, oauth_support
-from tests.apiserver import ApiServer
+from tests.apiserver import ApiServer, noise
 from tests.conftest import SERVICE_TOKEN
 from tests.oauth_support import Live
 from tests.test_refresh import connected
@@ -439,3 +439,18 @@ async def test_client_credentials_tokens_and_other_methods(
         async with ExecutionContext.local(live.broker, "g1").client("m2m") as api:
             r = await api.delete("/echo")
         assert r.json()["principal"] == client.client_id
+
+
+@pytest.mark.parametrize("size", [1000, 200_000])  # answered whole / streamed
+async def test_a_compressed_answer_passes_through_as_it_came(
+    live_factory: Callable[..., Any], apiserver: ApiServer, size: int
+) -> None:
+    async with proxied(live_factory, apiserver) as live:
+        r = await live.service.get(PROXY.format(name="keyh") + f"gzip/{size}")
+        assert r.status_code == 200
+        assert r.headers["content-encoding"] == "gzip"
+        assert r.content == noise(size)  # httpx decodes what the provider encoded
+        ctx = ExecutionContext.local(live.broker, "g1")
+        async with ctx.client("keyh") as api:
+            r = await api.get(f"/gzip/{size}")
+        assert r.content == noise(size)

@@ -226,8 +226,6 @@ async def _proxy(request: Request) -> Response:
         upstream = await broker.api_client.send(
             upstream_request, auth=auth, stream=True, follow_redirects=False
         )
-    except PayloadTooLarge:
-        raise
     except httpx.HTTPError as exc:
         if isinstance(body, _Rest) and body.exceeded:
             raise PayloadTooLarge(
@@ -255,8 +253,9 @@ async def _proxy(request: Request) -> Response:
     response: Response
     if length.isdigit() and int(length) <= SMALL_ANSWER:
         # A small answer whole: no streaming machinery (a task group per answer) for it.
+        # Raw bytes, as the streamed path sends: still compressed if the provider did.
         try:
-            content = await upstream.aread()
+            content = b"".join([chunk async for chunk in upstream.aiter_raw()])
         except httpx.HTTPError:
             raise ProviderUnreachable(
                 f"{integration.name} broke off its answer."

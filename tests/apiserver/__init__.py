@@ -10,7 +10,7 @@ path segment picks the scheme; every prefix has the same routes::
     /open/...        no credentials
 
     /echo[/any/path]  /status/{code}  /flaky/{key}  /redirect?to=  /bytes/{n}
-    /upload  /slow?seconds=  /set-cookie
+    /upload  /slow?seconds=  /set-cookie  /gzip/{n} (noise(n), Content-Encoding: gzip)
 
 Typical use (fixtures in ``tests/apiserver/fixture.py``)::
 
@@ -26,7 +26,7 @@ Typical use (fixtures in ``tests/apiserver/fixture.py``)::
 
 from .auth import SCHEMES
 from .journal import RequestRecord
-from .payload import CHUNK_SIZE, expected_sha256, iter_pattern
+from .payload import CHUNK_SIZE, expected_sha256, iter_pattern, noise
 from .server import ApiServer, ApiServerConfig
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "RequestRecord",
     "expected_sha256",
     "iter_pattern",
+    "noise",
 ]

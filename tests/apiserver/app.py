@@ -7,6 +7,7 @@ credentials is refused (and recorded) before any route logic, even for an unknow
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import SCHEMES, Rejection, authenticate
 from .journal import RequestRecord
-from .payload import iter_pattern
+from .payload import iter_pattern, noise
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -163,6 +164,12 @@ def build_app(srv: ApiServer) -> ASGIApp:
         resp.headers["Set-Cookie"] = f"{name}={value}; Path=/; HttpOnly"
         return resp
 
+    async def gzipped(request: Request) -> Response:
+        # n bytes of a fixed pseudo-random sequence (it hardly compresses), gzip-encoded.
+        body = gzip.compress(noise(request.path_params["n"]), mtime=0)
+        return Response(body, headers={"Content-Encoding": "gzip"},
+                        media_type="application/octet-stream")
+
     routes = [
         Route("/echo", echo, methods=ALL_METHODS),
         Route("/echo/{rest:path}", echo, methods=ALL_METHODS),
@@ -173,6 +180,7 @@ def build_app(srv: ApiServer) -> ASGIApp:
         Route("/upload", upload, methods=["POST", "PUT", "PATCH"]),
         Route("/slow", slow, methods=ALL_METHODS),
         Route("/set-cookie", set_cookie, methods=ALL_METHODS),
+        Route("/gzip/{n:int}", gzipped, methods=["GET"]),
     ]
     router = Starlette(routes=[Mount(f"/{scheme}", routes=routes) for scheme in SCHEMES])
     return Gate(srv, router)

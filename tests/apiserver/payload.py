@@ -7,6 +7,7 @@ full chunk is the same object and nothing larger than one chunk is ever built.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterator
 
 CHUNK_SIZE = 64 * 1024
@@ -30,3 +31,8 @@ def expected_sha256(n: int) -> str:
     for chunk in iter_pattern(n):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def noise(n: int) -> bytes:
+    """``n`` bytes of a fixed pseudo-random sequence (``/gzip/{n}`` compresses them)."""
+    return random.Random(n).randbytes(n)
