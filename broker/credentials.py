@@ -456,7 +456,7 @@ class Credentials:
             return await self._failed(group_id, integration, row, old, exc)
         spec = integration.provider
         assert isinstance(spec, TokenEndpoint)
-        auth_type = integration.provider.auth_type if integration.provider else ""
+        auth = kind(spec.auth_type)
         now = broker.now()
         try:
             token = stored_token(
@@ -469,7 +469,7 @@ class Credentials:
                 previous_extra=old.get("extra"),
                 settings=old.get("settings"),
                 expires=spec.expires,
-                renewable=kind(auth_type).renews_without_refresh_token,
+                renewable=auth.renews_without_refresh_token,
             )
         except ValueError as exc:
             failure = TokenEndpointError(
@@ -477,7 +477,7 @@ class Credentials:
                 outcome=Outcome.transient,
             )
             return await self._failed(group_id, integration, row, old, failure)
-        kind(spec.auth_type).carry(old, token)
+        auth.carry(old, token)
         expires_at = expiry(token)
         # The provider has answered, and may have retired the old refresh token: an answer
         # not stored is a connection lost. A failing database is retried while our lease

@@ -31,7 +31,7 @@ from .integrations import (
     OauthConfig,
     disconnect_custom_integration,
 )
-from .revocations import after_commit
+from .store.database import after_commit
 
 __all__ = [
     "base_integration",
@@ -219,6 +219,4 @@ def base_integration(
 
 def integration_for(spec: ProviderBase) -> Integration:
     """The Integration for an enabled provider (made by its auth type: ``broker.auth``)."""
-    from .auth import kind
-
     return kind(spec.auth_type).integration(spec)

@@ -16,8 +16,6 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from .auth import kind
 from .events import record
 
@@ -25,17 +23,10 @@ if TYPE_CHECKING:
     from .catalog import ProviderBase
     from .runtime import Broker
 
-__all__ = ["AFTER_COMMIT", "Revocations", "after_commit"]
+__all__ = ["Revocations"]
 
 log = logging.getLogger("broker.revocations")
 TIMEOUT = 10.0
-AFTER_COMMIT = "broker.after_commit"
-
-
-def after_commit(db: AsyncSession, action: Any) -> None:
-    """Run ``action()`` (synchronous) once ``db``'s transaction has committed; dropped on
-    rollback (see ``store.database``)."""
-    db.info.setdefault(AFTER_COMMIT, []).append(action)
 
 
 class Revocations:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,7 +158,17 @@ def create_private_sqlite_file(url: str) -> None:
 
 
 class BrokerSession(Session):
-    """The broker's sessions: after a commit, tell the credential cache what changed."""
+    """The broker's sessions: after a commit, tell the credential cache what changed, and
+    run what was deferred to it (``after_commit``)."""
+
+
+AFTER_COMMIT = "broker.after_commit"
+
+
+def after_commit(db: AsyncSession, action: Callable[[], None]) -> None:
+    """Run ``action()`` once ``db``'s transaction has committed (dropped on rollback). It
+    runs inside the commit: it must only schedule work, and never raise."""
+    db.info.setdefault(AFTER_COMMIT, []).append(action)
 
 
 @event.listens_for(BrokerSession, "after_commit")
@@ -167,14 +177,14 @@ def _after_commit(session: Session) -> None:
     broker = session.info.get("broker")
     if changed and broker is not None:
         broker.tokens.cache.invalidate(changed)
-    for action in session.info.pop("broker.after_commit", ()):
-        action()  # revocations.after_commit: schedules work, never raises
+    for action in session.info.pop(AFTER_COMMIT, ()):
+        action()
 
 
 @event.listens_for(BrokerSession, "after_rollback")
 def _after_rollback(session: Session) -> None:
     session.info.pop("broker.changed", None)
-    session.info.pop("broker.after_commit", None)
+    session.info.pop(AFTER_COMMIT, None)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
