@@ -167,20 +167,13 @@ class ApiSpec(_Model):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a provider's credential goes and what every call carries: the resolved
-    ``api`` section of one provider, in the form the client and the proxy use."""
+    """A provider's ``api`` section with what it leaves to the provider resolved: how
+    the credential goes on (``auth``: the section's, else the auth type's default) and
+    the hosts the base URL may reach. The form the client and the proxy use."""
 
-    base_url: str
-    headers: Mapping[str, str]
+    api: ApiSpec
     auth: Apply
-    values: Mapping[str, str]
     allowed_hosts: tuple[str, ...]
-    refresh_on: frozenset[int]
-    retry_on: frozenset[int]
-    retries: int
-    max_retry_wait: float
-    wait_headers: tuple[WaitHeader, ...]
-    timeout: float
 
     def apply(self, credential: Mapping[str, object]) -> tuple[dict[str, str], dict[str, str]]:
         """The headers and query parameters that carry ``credential``.
@@ -212,14 +205,14 @@ class Placement:
         (InvalidInput naming it). Values not known yet (learnt after connect) are left
         to the first call."""
         present = {k: v for k, v in values.items() if v is not None}
-        if template_names(self.base_url) <= set(present):
+        if template_names(self.api.base_url) <= set(present):
             self.base(present)
 
     def base(self, values: Mapping[str, object]) -> str:
         """The base URL for a connection with these values (see ``render_base_url``)."""
         return render_base_url(
-            self.base_url, {k: str(v) for k, v in values.items() if v is not None},
-            patterns=self.values, allowed_hosts=self.allowed_hosts,
+            self.api.base_url, {k: str(v) for k, v in values.items() if v is not None},
+            patterns=self.api.values, allowed_hosts=self.allowed_hosts,
         )
 
 

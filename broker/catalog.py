@@ -137,17 +137,7 @@ class ProviderBase(_Model):
         if api is None:
             return None
         return Placement(
-            base_url=api.base_url,
-            headers=dict(api.headers),
-            auth=api.auth or self.default_auth(),
-            values=dict(api.values),
-            allowed_hosts=tuple(self.allowed_hosts),
-            refresh_on=frozenset(api.refresh_on),
-            retry_on=frozenset(api.retry_on),
-            retries=api.retries,
-            max_retry_wait=api.max_retry_wait_seconds,
-            wait_headers=tuple(api.wait_headers),
-            timeout=api.timeout_seconds,
+            api=api, auth=api.auth or self.default_auth(), allowed_hosts=tuple(self.allowed_hosts)
         )
 
     @model_validator(mode="after")

@@ -218,8 +218,8 @@ class ProviderClient(httpx.AsyncClient):
         self._placement = placement
         super().__init__(
             auth=self.provider_auth,
-            headers=dict(placement.headers),
-            timeout=placement.timeout if timeout is None else timeout,
+            headers=dict(placement.api.headers),
+            timeout=placement.api.timeout_seconds if timeout is None else timeout,
             follow_redirects=False,
             transport=transport,
             **kwargs,

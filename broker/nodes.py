@@ -83,7 +83,7 @@ class LocalSource:
             ConnectionHandle(self.broker, group_id, integration), placement,
             retry_non_idempotent=retry_non_idempotent,
             timeout=httpx.Timeout(
-                placement.timeout if timeout is None else timeout,
+                placement.api.timeout_seconds if timeout is None else timeout,
                 connect=self.broker.settings.proxy.connect_timeout_seconds,
             ),
             transport=self.broker.api_transport,

@@ -103,14 +103,15 @@ def next_step(
     caused a refresh."""
     if not replayable:
         return None
-    if status in placement.refresh_on and can_refresh and not refreshed:
+    api = placement.api
+    if status in api.refresh_on and can_refresh and not refreshed:
         return Step("refresh")
-    if status not in placement.retry_on or retried >= placement.retries:
+    if status not in api.retry_on or retried >= api.retries:
         return None
     if method.upper() not in IDEMPOTENT and not retry_non_idempotent:
         return None
-    cap = placement.max_retry_wait
-    told = told_wait(headers, placement.wait_headers, now, status)
+    cap = api.max_retry_wait_seconds
+    told = told_wait(headers, api.wait_headers, now, status)
     if told is None:
         return Step("retry", backoff(retried, cap, rand))
     if told > cap:

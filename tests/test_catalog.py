@@ -685,7 +685,7 @@ def test_api_auth_sends_every_secret_field(tmp_path: Path, name: str) -> None:
         if field.secret and field.required:
             assert values[field_name] in sent, f"{name}: {field_name} is never sent"
     # A static header and the credential's headers never name the same header twice.
-    assert not {h.lower() for h in headers} & {h.lower() for h in placement.headers}
+    assert not {h.lower() for h in headers} & {h.lower() for h in placement.api.headers}
 
 
 @pytest.mark.parametrize(

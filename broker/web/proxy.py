@@ -208,7 +208,7 @@ async def _proxy(request: Request) -> Response:
     )
     headers = request_headers(
         [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]],
-        dict(placement.headers),
+        dict(placement.api.headers),
     )
     body = await _body(request, settings.buffer_bytes, settings.max_request_bytes)
     if not isinstance(body, bytes) and request.headers.get("content-length", "").isdigit():
@@ -217,7 +217,7 @@ async def _proxy(request: Request) -> Response:
         request.method, url, headers=headers, content=body,
         extensions={
             "timeout": httpx.Timeout(
-                placement.timeout, connect=settings.connect_timeout_seconds
+                placement.api.timeout_seconds, connect=settings.connect_timeout_seconds
             ).as_dict()
         },
     )
@@ -233,7 +233,7 @@ async def _proxy(request: Request) -> Response:
             ) from None
         if isinstance(exc, httpx.TimeoutException):
             raise ProviderTimeout(
-                f"{integration.name} did not answer in time ({placement.timeout:g} s)."
+                f"{integration.name} did not answer in time ({placement.api.timeout_seconds:g} s)."
             ) from None
         raise ProviderUnreachable(
             f"Could not reach {integration.name} ({type(exc).__name__})."
