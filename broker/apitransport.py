@@ -37,21 +37,23 @@ class _Body(httpx.AsyncByteStream):
             async for chunk in self._response.content.iter_chunked(READ_CHUNK):
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc) from None
 
     async def aclose(self) -> None:
         self._response.release()
 
 
 def _translate(exc: BaseException) -> httpx.HTTPError:
-    """aiohttp's error as the httpx error that means the same."""
+    """aiohttp's error as the httpx error that means the same. The message is the error's
+    class only: some of aiohttp's carry the URL, and a URL can carry an API key."""
+    what = type(exc).__name__
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return httpx.ReadTimeout(str(exc) or "timed out")
+        return httpx.ReadTimeout(what)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc))
+        return httpx.ConnectError(what)
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return httpx.ReadError(str(exc))
-    return httpx.RemoteProtocolError(str(exc) or type(exc).__name__)
+        return httpx.ReadError(what)
+    return httpx.RemoteProtocolError(what)
 
 
 async def _stream(body: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
@@ -105,7 +107,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ),
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc) from None
         return httpx.Response(
             status_code=response.status,
             headers=[(k, v) for k, v in response.raw_headers],
