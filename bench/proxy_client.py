@@ -87,7 +87,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             base_url=base, headers={"X-Api-Key": args.key},
             limits=httpx.Limits(max_connections=limits,
                                 max_keepalive_connections=min(limits, 100)),
-            timeout=httpx.Timeout(integration.placement().timeout,
+            timeout=httpx.Timeout(integration.placement().api.timeout_seconds,
                                   connect=broker.settings.proxy.connect_timeout_seconds),
         )
         quiet_gc()

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,8 @@ async def bare_httpx(url: str, count: int) -> dict[str, Any]:
 
 
 async def scenario(
-    opts: Options, server: TokenServer, root: Path, label: str, database_url: str,
+    opts: Options, server: TokenServer, root: Path, label: str,
+    database_url: Callable[[str], str],
 ) -> dict[str, Any]:
     slow_n = opts.pick(100, 2_000)
     fast_n = opts.pick(100, 2_000)

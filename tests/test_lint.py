@@ -15,11 +15,11 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_mypy_strict_passes_on_the_package() -> None:
+def test_mypy_strict_passes_on_the_package_and_benchmarks() -> None:
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_ruff_passes_on_package_tests_and_examples() -> None:
-    result = run("ruff", "check", "broker", "tests", "examples")
+def test_ruff_passes_on_package_benchmarks_tests_and_examples() -> None:
+    result = run("ruff", "check", "broker", "bench", "tests", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
