@@ -12,6 +12,7 @@ import pytest
 
 from broker.auth.basic import BasicProvider, basic_authorization
 from broker.catalog import parse_provider
+from broker.errors import InvalidInput
 from broker.nodes import ExecutionContext
 from tests import oauth_support
 from tests.apiserver import ApiServer
@@ -46,12 +47,26 @@ def freshdesk_like(apiserver: ApiServer) -> dict[str, Any]:
     }
 
 
+def zendesk_like(apiserver: ApiServer) -> dict[str, Any]:
+    return {
+        "display_name": "Zendesk-like",
+        "auth_type": "basic",
+        "fields": {"email": {"title": "Email", "secret": False}, "api_token": {"title": "Token"}},
+        "username": "{email}/token",
+        "password": "{api_token}",
+        "verify": {"url": f"{apiserver.url}/basic/status/200"},
+        "api": {"base_url": f"{apiserver.url}/basic"},
+    }
+
+
 async def test_basic_connects_verified_and_calls_the_api_both_ways(
     live_factory: Callable[..., Any], apiserver: ApiServer
 ) -> None:
-    apiserver.config.basic_users = {SID: TOKEN, "fd-key-0123456789": "X"}
+    apiserver.config.basic_users = {SID: TOKEN, "fd-key-0123456789": "X",
+                                    "a@example.com/token": "zd-token"}
     async with live_factory(extra_providers={
         "twilio": twilio_like(apiserver), "freshdesk": freshdesk_like(apiserver),
+        "zdtoken": zendesk_like(apiserver),
     }) as live:
         r = await live.service.get("/groups/g1/integrations")
         listed = {i["name"]: i for i in r.json()["integrations"]}
@@ -65,7 +80,11 @@ async def test_basic_connects_verified_and_calls_the_api_both_ways(
         r = await live.service.post("/groups/g1/integrations/custom/freshdesk",
                                     json={"username": "fd-key-0123456789"})
         assert r.status_code == 200, r.text
-        assert [x.principal for x in apiserver.requests] == [SID, "fd-key-0123456789"]
+        r = await live.service.post("/groups/g1/integrations/custom/zdtoken",
+                                    json={"email": "a@example.com", "api_token": "zd-token"})
+        assert r.status_code == 200, r.text
+        assert [x.principal for x in apiserver.requests] == [
+            SID, "fd-key-0123456789", "a@example.com/token"]
 
         ctx = ExecutionContext.local(live.broker, "g1")
         got = await ctx.custom_integration("twilio")
@@ -77,13 +96,17 @@ async def test_basic_connects_verified_and_calls_the_api_both_ways(
         assert r.status_code == 200 and r.json()["principal"] == "fd-key-0123456789"
         r = await live.service.get("/groups/g1/integrations/twilio/proxy/echo")
         assert r.status_code == 200 and r.json()["principal"] == SID
+        r = await live.service.get("/groups/g1/integrations/zdtoken/proxy/echo")
+        assert r.status_code == 200 and r.json()["principal"] == "a@example.com/token"
 
 
 async def test_a_refused_basic_credential_stores_nothing(
     live_factory: Callable[..., Any], apiserver: ApiServer
 ) -> None:
     apiserver.config.basic_users = {SID: TOKEN}
-    async with live_factory(extra_providers={"twilio": twilio_like(apiserver)}) as live:
+    async with live_factory(extra_providers={
+        "twilio": twilio_like(apiserver), "zdtoken": zendesk_like(apiserver),
+    }) as live:
         r = await live.service.post("/groups/g1/integrations/custom/twilio",
                                     json={"username": SID, "password": "wrong"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "credential_rejected"
@@ -91,8 +114,15 @@ async def test_a_refused_basic_credential_stores_nothing(
         r = await live.service.post("/groups/g1/integrations/custom/twilio",
                                     json={"username": "not-a-sid", "password": TOKEN})
         assert r.status_code == 422 and r.json()["error"]["field"] == "username"
+        # A ':' in what becomes the user name would move the split: refused before sending.
+        sent = len(apiserver.requests)
+        r = await live.service.post("/groups/g1/integrations/custom/zdtoken",
+                                    json={"email": "a:b@example.com", "api_token": "zd"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "email"
+        assert len(apiserver.requests) == sent
         async with live.broker.session() as db:
             assert await live.broker.repository.get(db, "g1", "twilio") is None
+            assert await live.broker.repository.get(db, "g1", "zdtoken") is None
 
 
 def _spec(**data: Any) -> Any:
@@ -102,16 +132,16 @@ def _spec(**data: Any) -> Any:
 @pytest.mark.parametrize(
     "data",
     [
-        {"fields": {"username": {"title": "U"}}},  # no password at all
-        {"fields": {"username": {"title": "U"}, "password": {"title": "P"}}, "password": "X"},
-        {"fields": {"password": {"title": "P"}}},
-        {"fields": {"username": {"title": "U"}, "token": {"title": "T"}}, "password": "X"},
-        {"fields": {"username": {"title": "U"}}, "password": "a:b"},
+        {"fields": {"username": {"title": "U"}}},  # password defaults to a missing field
+        {"fields": {"password": {"title": "P"}}},  # so does the user name
+        {"fields": {"email": {"title": "E"}}, "username": "{email}/token", "password": "{key}"},
+        {"fields": {"u": {"title": "U"}}, "username": "a:{u}", "password": "X"},
+        {"fields": {"u": {"title": "U"}}, "username": "{u", "password": "X"},
         {"fields": {"username": {"title": "U"}}, "password": "X",
          "apply": {"headers": {"X-Key": "{username}"}}},
     ],
 )
-def test_a_basic_schema_is_two_fields(data: dict[str, Any]) -> None:
+def test_a_basic_schema_names_only_its_fields(data: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         _spec(**data)
 
@@ -123,3 +153,21 @@ def test_the_header_is_rfc_7617() -> None:
         {"Authorization": "Basic " + base64.b64encode(b"Aladdin:X").decode()}, {}
     )
     assert basic_authorization("Aladdin", "open sesame") == "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+
+
+def test_user_name_and_password_are_templates_over_the_fields() -> None:
+    spec = _spec(
+        fields={"subdomain": {"title": "S", "secret": False}, "email": {"title": "Email"},
+                "api_token": {"title": "API token"}},
+        username="{email}/token", password="{api_token}",
+    )
+    data = {"subdomain": "acme", "email": "a@example.com", "api_token": "tok"}
+    assert spec.stored(data) == {**data, "username": "a@example.com/token", "password": "tok"}
+    assert spec.apply_to(data)[0] == {
+        "Authorization": basic_authorization("a@example.com/token", "tok")}
+    # The user name ends at the first ':' (RFC 7617): a value putting one there is refused.
+    with pytest.raises(InvalidInput) as caught:
+        spec.stored({**data, "email": "a:b@example.com"})
+    assert caught.value.field == "email" and "a:b" not in str(caught.value)
+    # A password may contain ':'.
+    assert spec.stored({**data, "api_token": "t:k"})["password"] == "t:k"

@@ -1,37 +1,40 @@
 """``basic``: a user name and a password, sent as ``Authorization: Basic`` (RFC 7617).
 
     auth_type: basic
-    fields:
-      username: {title: Account SID, secret: false, pattern: "^AC[0-9a-f]{32}$"}
-      password: {title: Auth Token}
-    # or, for an API key sent as the user name with a fixed password (Freshdesk):
-    fields:
-      username: {title: API key}
-    password: X
+    fields:                                  # what the user types (names are free)
+      account_sid: {title: Account SID, secret: false, pattern: "^AC[0-9a-f]{32}$"}
+      auth_token: {title: Auth Token}
+    username: "{account_sid}"                # templates over the fields
+    password: "{auth_token}"
+    # Freshdesk: an API key as the user name and a fixed password
+    #   fields: {api_key: {title: API key}}, username: "{api_key}", password: X
+    # Zendesk API tokens: username: "{email}/token", password: "{api_token}"
 
-The two fields are always named ``username`` and ``password`` (their titles, patterns and
-secrecy are data). Connected like an API key (the form, the ``verify`` request with the
-credential applied); stored as ``{username, password}``; a node gets both and
+``username`` and ``password`` default to ``{username}`` and ``{password}`` (fields of
+those names). A field need not appear in either (a subdomain for ``api.base_url``).
+Connected like an API key (the form, the ``verify`` request with the credential applied);
+stored as the fields plus the rendered ``username`` and ``password``; a node gets those and
 ``authorization``, the header value ready to send. Never renewed.
 """
 
 from __future__ import annotations
 
 import base64
+import string
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from ..apispec import Apply
-from ..catalog import FieldsProvider, ProviderBase
+from ..catalog import FieldsProvider, ProviderBase, render
+from ..errors import InvalidInput
 from ..integrations import Integration
+from ..urltemplates import template_names
 from .apikey import form_integration
 from .base import AuthKind
 
 __all__ = ["KIND", "BasicKind", "BasicProvider", "basic_authorization"]
-
-FIELD_NAMES = ("username", "password")
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -44,43 +47,55 @@ class BasicProvider(FieldsProvider):
     """See the module docstring."""
 
     auth_type: Literal["basic"]
-    password: str | None = Field(default=None, min_length=1, max_length=256)
-    """A fixed password (the user then gives only the user name)."""
+    username: str = Field(default="{username}", min_length=1, max_length=256)
+    """The user name: a template over the fields (literal text allowed)."""
+    password: str = Field(default="{password}", min_length=1, max_length=256)
+    """The password: a template over the fields, or a fixed one (``X``)."""
 
     @model_validator(mode="after")
-    def _two_fields(self) -> BasicProvider:
-        unknown = set(self.fields) - set(FIELD_NAMES)
-        if unknown:
-            raise ValueError(
-                f"fields: a basic provider has username and password only, not {sorted(unknown)}"
-            )
-        if "username" not in self.fields:
-            raise ValueError("fields: username is required")
-        if ("password" in self.fields) == (self.password is not None):
-            raise ValueError(
-                "give either a password field or a fixed password (password: X), not both"
-            )
+    def _templates(self) -> BasicProvider:
+        for label, template in (("username", self.username), ("password", self.password)):
+            try:
+                names = template_names(template)
+            except ValueError:
+                raise ValueError(f"{label}: {template!r} is not a template") from None
+            unknown = names - set(self.fields)
+            if unknown:
+                raise ValueError(f"{label} names {sorted(unknown)} which are not fields")
+        if ":" in _literal(self.username):
+            raise ValueError("username: a user name cannot contain ':' (RFC 7617)")
         if self.apply is not None:
             raise ValueError("apply: a basic provider's credential goes in Authorization")
-        if ":" in (self.password or ""):
-            raise ValueError("password: a fixed password cannot contain ':'")
         return self
 
     def stored(self, data: Mapping[str, str]) -> dict[str, str]:
-        return {"username": data["username"], "password": self.password or data["password"]}
+        """The fields and the rendered user name and password; InvalidInput when the user
+        name would contain ':' (it ends at the first one)."""
+        username = render(self.username, data)
+        if ":" in username:
+            names = sorted(template_names(self.username))
+            field = names[0] if names else None
+            title = self.fields[field].title if field else "The user name"
+            raise InvalidInput(f"{title} cannot contain ':'.", field=field)
+        return {**data, "username": username, "password": render(self.password, data)}
 
     def header_fields(self) -> frozenset[str]:
-        return frozenset(self.fields)
+        return frozenset(template_names(self.username) | template_names(self.password))
 
     def credential_names(self) -> set[str]:
-        return {*FIELD_NAMES, "authorization"}
+        return {*self.fields, "username", "password", "authorization"}
 
     def default_auth(self) -> Apply:
         return Apply(headers={"Authorization": "{authorization}"})
 
     def apply_to(self, data: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         stored = self.stored(data)
-        return {"Authorization": basic_authorization(**stored)}, {}
+        return {"Authorization": basic_authorization(stored["username"], stored["password"])}, {}
+
+
+def _literal(template: str) -> str:
+    """The text of ``template`` outside its placeholders."""
+    return "".join(text for text, _, _, _ in string.Formatter().parse(template))
 
 
 class BasicKind(AuthKind):
