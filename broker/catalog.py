@@ -209,11 +209,13 @@ class FieldsProvider(ProviderBase):
 
     @model_validator(mode="after")
     def _templates_name_fields(self) -> FieldsProvider:
-        known = set(self.fields)
+        known = self.credential_names()
         if self.apply is not None:
             missing = self.apply.names() - known
             if missing:
-                raise ValueError(f"apply names {sorted(missing)} which are not fields")
+                raise ValueError(
+                    f"apply names {sorted(missing)}, which a connection does not have"
+                )
         if self.verify is not None:
             check_template(self.verify.url, self.fields, self.allowed_hosts)
         return self

@@ -52,7 +52,6 @@ from sqlalchemy.exc import DBAPIError
 
 from .auth import kind
 from .cache import CredentialCache, Entry
-from .catalog import TokenEndpoint
 from .errors import (
     CredentialCorrupt,
     IntegrationNeedsReauth,
@@ -65,7 +64,6 @@ from .events import record
 from .flights import Flights
 from .integrations import Integration
 from .oauth.decisions import Outcome
-from .oauth.tokens import stored_token
 from .refresh import (
     backoff,
     interrupted_by,
@@ -455,22 +453,11 @@ class Credentials:
         except TokenEndpointError as exc:
             return await self._failed(group_id, integration, row, old, exc)
         spec = integration.provider
-        assert isinstance(spec, TokenEndpoint)
+        assert spec is not None
         auth = kind(spec.auth_type)
         now = broker.now()
         try:
-            token = stored_token(
-                response,
-                now=requested_at,
-                default_lifetime=spec.default_lifetime_seconds,
-                token_path=spec.token_path,
-                extra_fields=spec.extra_fields,
-                previous_refresh_token=old.get("refresh_token"),
-                previous_extra=old.get("extra"),
-                settings=old.get("settings"),
-                expires=spec.expires,
-                renewable=auth.renews_without_refresh_token,
-            )
+            token = auth.token(spec, response, now=requested_at, old=old)
         except ValueError as exc:
             failure = TokenEndpointError(
                 f"{spec.display_name}: {exc}", error=None, status=200, retry_after=None,

@@ -68,10 +68,24 @@ class Group:
 
 
 class AuthType(StrEnum):
+    """An integration's auth type: the seed's two, and every type ``broker.auth``
+    implements (``AuthType("token_exchange")``); any other name is a ValueError."""
+
     apikey = "apikey"
     oauth2 = "oauth2"
     oauth2_cc = "oauth2_cc"
     basic = "basic"
+
+    @classmethod
+    def _missing_(cls, value: object) -> AuthType | None:
+        from .auth import kinds
+
+        if not isinstance(value, str) or value not in kinds():
+            return None
+        member = str.__new__(cls, value)
+        member._name_ = value
+        member._value_ = value
+        return cls._value2member_map_.setdefault(value, member)  # type: ignore[return-value]
 
 
 @dataclass

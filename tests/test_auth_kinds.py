@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from broker.auth import kind, kinds
 from broker.auth.basic import BasicProvider
+from broker.auth.token_exchange import TokenExchangeProvider
 from broker.catalog import (
     ApiKeyProvider,
     OAuth2ClientCredentialsProvider,
     OAuth2Provider,
     parse_provider,
 )
+from broker.integrations import AuthType
 
 
 def test_every_type_has_a_schema_and_says_whether_it_is_renewed() -> None:
@@ -18,6 +20,12 @@ def test_every_type_has_a_schema_and_says_whether_it_is_renewed() -> None:
         "basic": (BasicProvider, False),
         "oauth2": (OAuth2Provider, True),
         "oauth2_cc": (OAuth2ClientCredentialsProvider, True),
+        "token_exchange": (TokenExchangeProvider, True),
+    }
+    # What the connect page shows and how it connects each one.
+    assert {name: k.connect for name, k in kinds().items()} == {
+        "apikey": "form", "basic": "form", "oauth2": "popup", "oauth2_cc": "form",
+        "token_exchange": "form",
     }
 
 
@@ -49,7 +57,7 @@ def test_the_catalog_takes_its_schemas_from_the_registry() -> None:
     try:
         parse_provider({"name": "k", "display_name": "K", "auth_type": "nope"})
     except ValueError as exc:
-        assert "apikey, basic, oauth2, oauth2_cc" in str(exc)
+        assert "apikey, basic, oauth2, oauth2_cc, token_exchange" in str(exc)
     else:
         raise AssertionError("an unknown auth_type was accepted")
 
@@ -60,3 +68,16 @@ def test_client_credentials_errors_are_the_users() -> None:
     new: dict[str, object] = {}
     kind("oauth2_cc").carry({"client": {"client_id": "x"}}, new)
     assert new == {"client": {"client_id": "x"}}
+
+
+def test_auth_type_names_every_implemented_type_and_nothing_else() -> None:
+    # The seed's enum keeps its members; a type a module adds is one too.
+    assert AuthType("apikey") is AuthType.apikey
+    assert AuthType("token_exchange").value == "token_exchange"
+    assert AuthType("token_exchange") is AuthType("token_exchange")
+    try:
+        AuthType("nope")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("an unknown auth type was accepted")

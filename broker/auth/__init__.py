@@ -4,6 +4,7 @@
     basic               a user name and a password, as Authorization: Basic (basic.py)
     oauth2              authorization code with a sign-in popup (oauth2.py)
     oauth2_cc           client credentials the user submits (client_credentials.py)
+    token_exchange      fields exchanged at a token URL for a token (token_exchange.py)
 
 Adding a type is adding a module with its ``AuthKind`` and its provider schema, and naming
 the module in ``MODULES``. ``kind(auth_type)`` gives the type of a provider or of a stored
@@ -20,13 +21,14 @@ from .base import AuthKind
 
 __all__ = ["AuthKind", "kind", "kinds"]
 
-MODULES = ("apikey", "basic", "oauth2", "client_credentials")
+MODULES = ("apikey", "basic", "oauth2", "client_credentials", "token_exchange")
 
 
 class _Stored(AuthKind):
     """A type no module implements: stored and handed out as given, never renewed."""
 
     name = "stored"
+    title = "Stored"
 
 
 @cache

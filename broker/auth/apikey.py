@@ -23,6 +23,7 @@ __all__ = ["KIND", "ApiKeyKind", "form_integration"]
 
 class ApiKeyKind(AuthKind):
     name = "apikey"
+    title = "API key"
 
     @property
     def spec(self) -> type[ProviderBase]:

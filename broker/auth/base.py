@@ -14,9 +14,10 @@ request is the spec's (``ProviderBase.default_auth``, overridden by ``api.auth``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..oauth.tokens import node_view
+from ..oauth.tokens import node_view, stored_token
 
 if TYPE_CHECKING:
     from ..catalog import ProviderBase
@@ -31,6 +32,11 @@ class AuthKind:
 
     name: ClassVar[str]
     """The ``auth_type`` of its provider files and stored connections."""
+    title: ClassVar[str]
+    """What the connect page calls it ("API key", "OAuth 2.0")."""
+    connect: ClassVar[Literal["form", "popup"]] = "form"
+    """How a user connects: the provider's fields posted to the trigger route, or a
+    sign-in popup."""
     refreshable: ClassVar[bool] = False
     """Whether its credential is a token the refresh engine renews before expiry."""
     renews_without_refresh_token: ClassVar[bool] = False
@@ -69,6 +75,14 @@ class AuthKind:
         ``unreachable``. Never raises for the provider's failures."""
         raise NotImplementedError(f"{self.name} credentials are not revoked")
 
+    def token(
+        self, spec: ProviderBase, response: Mapping[str, Any], *, now: datetime,
+        old: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """What is stored of a renewal's answer (refreshable types); ValueError (naming
+        no value) when it holds no token. ``carry`` then adds what is kept of ``old``."""
+        raise NotImplementedError(f"{self.name} credentials are not renewed")
+
     def carry(self, old: Mapping[str, Any], new: dict[str, Any]) -> None:
         """Copy into a renewed credential what it keeps of the old one (default: nothing
         beyond what ``oauth.tokens.stored_token`` keeps)."""
@@ -87,3 +101,25 @@ class TokenKind(AuthKind):
 
     def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         return node_view(stored)
+
+    def token(
+        self, spec: ProviderBase, response: Mapping[str, Any], *, now: datetime,
+        old: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The token endpoint's answer as ``oauth.tokens.stored_token`` keeps it, read as
+        the spec's token endpoint says (``catalog.TokenEndpoint``)."""
+        from ..catalog import TokenEndpoint
+
+        assert isinstance(spec, TokenEndpoint)
+        return stored_token(
+            response,
+            now=now,
+            default_lifetime=spec.default_lifetime_seconds,
+            token_path=spec.token_path,
+            extra_fields=spec.extra_fields,
+            previous_refresh_token=old.get("refresh_token"),
+            previous_extra=old.get("extra"),
+            settings=old.get("settings"),
+            expires=spec.expires,
+            renewable=self.renews_without_refresh_token,
+        )

@@ -100,6 +100,7 @@ def _literal(template: str) -> str:
 
 class BasicKind(AuthKind):
     name = "basic"
+    title = "Basic"
 
     @property
     def spec(self) -> type[ProviderBase]:

@@ -34,6 +34,7 @@ __all__ = ["KIND", "ClientCredentialsKind"]
 
 class ClientCredentialsKind(TokenKind):
     name = "oauth2_cc"
+    title = "Client credentials"
     renews_without_refresh_token = True
 
     @property

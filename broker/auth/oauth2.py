@@ -31,6 +31,8 @@ __all__ = ["KIND", "OAuth2Kind"]
 
 class OAuth2Kind(TokenKind):
     name = "oauth2"
+    title = "OAuth 2.0"
+    connect = "popup"
 
     @property
     def spec(self) -> type[ProviderBase]:

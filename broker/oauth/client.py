@@ -30,7 +30,10 @@ from ..errors import InvalidInput, TokenEndpointError
 from .decisions import Outcome, classify, safe_error_code
 from .tokens import lifetime_seconds
 
-__all__ = ["client_credentials", "exchange_code", "refresh", "revoke", "token_transport"]
+__all__ = [
+    "Borrowed", "client_credentials", "exchange_code", "refresh", "retry_after", "revoke",
+    "token_transport",
+]
 
 Spec = OAuth2Provider | OAuth2ClientCredentialsProvider
 
@@ -63,7 +66,7 @@ class _JSONBody(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-class _Borrowed(httpx.AsyncBaseTransport):
+class Borrowed(httpx.AsyncBaseTransport):
     """A transport the client uses but does not own: closing the client leaves it open."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
@@ -111,7 +114,7 @@ def _url(spec: Spec, template: str, settings: Mapping[str, str]) -> str:
         ) from None
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
@@ -175,10 +178,10 @@ async def _request(
 
     async def remember(response: httpx.Response) -> None:
         last["status"] = response.status_code
-        last["retry_after"] = _retry_after(response.headers.get("retry-after"))
+        last["retry_after"] = retry_after(response.headers.get("retry-after"))
 
     inner: httpx.AsyncBaseTransport = (
-        _Borrowed(transport) if transport is not None
+        Borrowed(transport) if transport is not None
         else httpx.AsyncHTTPTransport(verify=_tls_context())
     )
     client = AsyncOAuth2Client(
@@ -216,7 +219,7 @@ async def _request(
             f"{name} token endpoint answered HTTP {status}",
             error=None,
             status=status,
-            retry_after=_retry_after(exc.response.headers.get("retry-after")),
+            retry_after=retry_after(exc.response.headers.get("retry-after")),
             outcome=classify(status, None),
         ) from None
     except httpx.TimeoutException:
@@ -309,7 +312,7 @@ async def revoke(
     assert spec.client_id is not None and spec.revocation_url is not None
     url = _url(spec, spec.revocation_url, settings)
     inner: httpx.AsyncBaseTransport = (
-        _Borrowed(transport) if transport is not None
+        Borrowed(transport) if transport is not None
         else httpx.AsyncHTTPTransport(verify=_tls_context())
     )
     client = AsyncOAuth2Client(

@@ -30,11 +30,15 @@ NODE_KEYS = ("access_token", "token_type", "expires_at", "scope")
 
 
 def dig(obj: Any, path: str) -> Any:
-    """``obj["a"]["b"]`` for ``path="a.b"``; None when any step is missing."""
+    """``obj["a"]["b"]`` for ``path="a.b"``; a step of digits indexes a list (``"0.id"``:
+    the first item's ``id``). None when any step is missing."""
     for part in path.split("."):
-        if not isinstance(obj, Mapping) or part not in obj:
+        if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        elif isinstance(obj, Mapping) and part in obj:
+            obj = obj[part]
+        else:
             return None
-        obj = obj[part]
     return obj
 
 

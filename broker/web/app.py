@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..auth import kind
 from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable
 from ..events import list_events
 from ..integrations import Group, Integration, fill_group
@@ -74,11 +75,14 @@ PUBLIC_PREFIXES = ["/static/"]
 
 def _describe(integration: Integration, group_id: str, status: Any) -> dict[str, Any]:
     config = integration.integration.config
+    auth = kind(integration.auth_type.value)
     item: dict[str, Any] = {
         "name": integration.key,
         "display_name": integration.name,
         "image": integration.image,
         "auth_type": integration.auth_type.value,
+        "auth_title": auth.title,
+        "connect": auth.connect,
         "authorized": integration.authorized,
         "config": {
             "width": config.width,
@@ -92,10 +96,10 @@ def _describe(integration: Integration, group_id: str, status: Any) -> dict[str,
         ),
     }
     public = {"title", "secret", "required", "pattern", "example", "description", "default"}
-    for kind in ("fields", "settings"):
-        specs = getattr(integration.provider, kind, None)
+    for values in ("fields", "settings"):
+        specs = getattr(integration.provider, values, None)
         if specs:
-            item[kind] = {name: spec.model_dump(include=public) for name, spec in specs.items()}
+            item[values] = {name: spec.model_dump(include=public) for name, spec in specs.items()}
     return item
 
 

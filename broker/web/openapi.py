@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..auth import kinds
+
 __all__ = ["openapi"]
 
 GROUP = {
@@ -79,7 +81,9 @@ def openapi(public_url: str) -> dict[str, Any]:
                         "name": {"type": "string"},
                         "display_name": {"type": "string"},
                         "image": {"type": "string"},
-                        "auth_type": {"enum": ["apikey", "oauth2", "oauth2_cc", "basic"]},
+                        "auth_type": {"enum": sorted(kinds())},
+                        "auth_title": {"type": "string"},
+                        "connect": {"enum": ["form", "popup"]},
                         "status": {"type": "string"},
                         "config": {"type": "object"},
                         "fields": {"type": "object"},

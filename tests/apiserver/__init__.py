@@ -7,10 +7,13 @@ path segment picks the scheme; every prefix has the same routes::
     /key-header/...  X-Api-Key: <key>        (config.api_keys)
     /key-query/...   ?api_key=<key>          (config.api_keys)
     /basic/...       Authorization: Basic    (config.basic_users)
+    /session/...     X-Session-Token: <token from POST /open/login>
     /open/...        no credentials
 
     /echo[/any/path]  /status/{code}  /flaky/{key}  /redirect?to=  /bytes/{n}
     /upload  /slow?seconds=  /set-cookie  /gzip/{n} (noise(n), Content-Encoding: gzip)
+    /login  (POST {"user", "secret"}, JSON or form, checked against config.login_users:
+             {"data": {"token"}, "expiresIn": config.session_lifetime}; 401 if refused)
 
 Typical use (fixtures in ``tests/apiserver/fixture.py``)::
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import secrets
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -170,6 +171,25 @@ def build_app(srv: ApiServer) -> ASGIApp:
         return Response(body, headers={"Content-Encoding": "gzip"},
                         media_type="application/octet-stream")
 
+    async def login(request: Request) -> Response:
+        # A two-step provider's login: credentials in, a session token out.
+        config = srv.config
+        if config.login_status is not None:
+            return JSONResponse({"error": "login_unavailable"}, config.login_status)
+        if request.headers.get("content-type", "").startswith("application/json"):
+            body = await request.json()
+        else:
+            body = dict(parse_qsl((await request.body()).decode()))
+        user, secret = body.get("user"), body.get("secret")
+        expected = config.login_users.get(user) if isinstance(user, str) else None
+        if expected is None or not isinstance(secret, str) or not secrets.compare_digest(
+            secret, expected
+        ):
+            return JSONResponse({"error": "invalid_login"}, 401)
+        token = "sess-" + secrets.token_urlsafe(16)
+        config.sessions[token] = user
+        return JSONResponse({"data": {"token": token}, "expiresIn": config.session_lifetime})
+
     routes = [
         Route("/echo", echo, methods=ALL_METHODS),
         Route("/echo/{rest:path}", echo, methods=ALL_METHODS),
@@ -181,6 +201,7 @@ def build_app(srv: ApiServer) -> ASGIApp:
         Route("/slow", slow, methods=ALL_METHODS),
         Route("/set-cookie", set_cookie, methods=ALL_METHODS),
         Route("/gzip/{n:int}", gzipped, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
     ]
     router = Starlette(routes=[Mount(f"/{scheme}", routes=routes) for scheme in SCHEMES])
     return Gate(srv, router)

@@ -21,9 +21,10 @@ import httpx
 if TYPE_CHECKING:
     from .server import ApiServerConfig
 
-SCHEMES = ("bearer", "key-header", "key-query", "basic", "open")
+SCHEMES = ("bearer", "key-header", "key-query", "basic", "session", "open")
 API_KEY_HEADER = "x-api-key"
 API_KEY_PARAM = "api_key"
+SESSION_HEADER = "x-session-token"
 
 
 @dataclass(frozen=True)
@@ -110,4 +111,8 @@ async def authenticate(
         return check_api_key(query.get(API_KEY_PARAM), config.api_keys)
     if scheme == "basic":
         return check_basic(headers, config.basic_users)
+    if scheme == "session":
+        token = headers.get(SESSION_HEADER)
+        user = config.sessions.get(token) if token else None
+        return user if user is not None else Rejection("invalid_session")
     return None

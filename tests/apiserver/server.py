@@ -27,6 +27,11 @@ class ApiServerConfig:
     reject_status: int = 401  # status for missing or bad credentials (403: some providers)
     api_keys: set[str] = field(default_factory=set)  # /key-header and /key-query
     basic_users: dict[str, str] = field(default_factory=dict)  # /basic: user -> password
+    # POST /open/login {"user", "secret"} (JSON or form) -> a session token for /session.
+    login_users: dict[str, str] = field(default_factory=dict)
+    session_lifetime: int = 3600  # the expiresIn of each login's answer
+    login_status: int | None = None  # answer every login with this status instead
+    sessions: dict[str, str] = field(default_factory=dict)  # issued token -> user
 
 
 class ApiServer:

@@ -22,7 +22,6 @@
     reauth_required: "Needs reauth",
     unavailable: "Unavailable",
   };
-  var AUTH = { apikey: "API key", oauth2: "OAuth 2.0", oauth2_cc: "Client credentials", basic: "Basic" };
 
   function el(tag, attrs, children) {
     var node = document.createElement(tag);
@@ -442,7 +441,7 @@
       logo(item),
       el("div", { className: "title" }, [
         el("h2", { text: item.display_name }),
-        el("p", { className: "auth", text: AUTH[item.auth_type] || item.auth_type }),
+        el("p", { className: "auth", text: item.auth_title || item.auth_type }),
       ]),
       el("span", { className: "badge " + status, text: LABELS[status] }),
     ]);
@@ -460,8 +459,9 @@
     if (status === "unavailable") {
       body.push(el("p", { className: "notice warning", text: item.display_name + " is not answering right now; the broker keeps retrying." }));
     }
-    var needsForm = status === "not_connected" || status === "reauth_required" || item.auth_type !== "oauth2";
-    if (item.auth_type === "oauth2") {
+    var popup = item.connect === "popup";
+    var needsForm = status === "not_connected" || status === "reauth_required" || !popup;
+    if (popup) {
       body.push(oauthForm(item));
     } else if (needsForm && (item.fields && Object.keys(item.fields).length)) {
       if (status === "not_connected") {
