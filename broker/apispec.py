@@ -174,6 +174,9 @@ class Placement:
     api: ApiSpec
     auth: Apply
     allowed_hosts: tuple[str, ...]
+    patterns: Mapping[str, str]
+    """The patterns of values the base URL may name: ``api.values`` and the values
+    learnt at connect."""
 
     def apply(self, credential: Mapping[str, object]) -> tuple[dict[str, str], dict[str, str]]:
         """The headers and query parameters that carry ``credential``.
@@ -212,7 +215,7 @@ class Placement:
         """The base URL for a connection with these values (see ``render_base_url``)."""
         return render_base_url(
             self.api.base_url, {k: str(v) for k, v in values.items() if v is not None},
-            patterns=self.api.values, allowed_hosts=self.allowed_hosts,
+            patterns=self.patterns, allowed_hosts=self.allowed_hosts,
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -27,6 +27,7 @@ from .apispec import (
     origin_placeholder,
     stand_in,
 )
+from .connectvalues import ConnectValue
 from .errors import InvalidInput
 from .oauth.tokens import NODE_KEYS
 from .urltemplates import check_allowed_hosts, check_template, render_url, template_names
@@ -113,6 +114,18 @@ class ProviderBase(_Model):
     form the host or put a dot in a host label; checked at every render when given."""
     api: ApiSpec | None = None
     """The provider's API, for ``ctx.client`` and the proxy route (see ``apispec``)."""
+    connect_values: dict[str, ConnectValue] = Field(default_factory=dict)
+    """Values learnt at connect (see ``connectvalues``)."""
+    callback_values: ClassVar[bool] = False
+    """Whether its connections finish at a callback whose query can hold values."""
+
+    @field_validator("connect_values")
+    @classmethod
+    def _connect_value_names(cls, value: dict[str, ConnectValue]) -> dict[str, ConnectValue]:
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+                raise ValueError(f"connect value {name!r} must match [a-z][a-z0-9_]*")
+        return value
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -137,8 +150,23 @@ class ProviderBase(_Model):
         if api is None:
             return None
         return Placement(
-            api=api, auth=api.auth or self.default_auth(), allowed_hosts=tuple(self.allowed_hosts)
+            api=api, auth=api.auth or self.default_auth(),
+            allowed_hosts=tuple(self.allowed_hosts),
+            patterns={**api.values, **{n: v.pattern for n, v in self.connect_values.items()}},
         )
+
+    @model_validator(mode="after")
+    def _check_connect_values(self) -> ProviderBase:
+        if not self.callback_values:
+            found = sorted(n for n, v in self.connect_values.items() if v.source == "callback")
+            if found:
+                raise ValueError(
+                    f"connect_values {found}: a {self.auth_type} connection has no callback"
+                )
+        taken = sorted(set(self.connect_values) & self.credential_names())
+        if taken:
+            raise ValueError(f"connect_values {taken}: the credential already has these")
+        return self
 
     @model_validator(mode="after")
     def _check_api(self) -> ProviderBase:
@@ -146,13 +174,16 @@ class ProviderBase(_Model):
         if api is None:
             return self
         auth = api.auth or self.default_auth()
-        unknown = auth.names() - self.credential_names()
+        known = self.credential_names() | set(self.connect_values)
+        unknown = auth.names() - known
         if unknown:
             raise ValueError(
                 f"api.auth names {sorted(unknown)}, which a connection does not have "
-                f"(it has {sorted(self.credential_names())})"
+                f"(it has {sorted(known)})"
             )
         fields = dict(self.url_values())
+        for name, value in self.connect_values.items():
+            fields[name] = FieldSpec(title=name, secret=False, pattern=value.pattern)
         for name, pattern in api.values.items():
             fields[name] = FieldSpec(title=name, secret=False, pattern=pattern)
         origin = origin_placeholder(api.base_url)
@@ -323,6 +354,7 @@ class OAuth2Provider(ProviderBase, TokenEndpoint):
     """Authorization code flow (with PKCE S256 unless ``pkce: false``)."""
 
     auth_type: Literal["oauth2"]
+    callback_values: ClassVar[bool] = True
     authorization_url: str
     refresh_url: str | None = None
     revocation_url: str | None = None

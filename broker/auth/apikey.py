@@ -14,8 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
 from ..catalog import ApiKeyProvider, FieldsProvider, ProviderBase
+from ..connectvalues import learn, shown
 from ..integrations import Integration, register_custom_integration
+from ..oauth.client import Borrowed
 from ..providers import base_integration, check_api_values, read_fields, verify_credential
+from . import kind
 from .base import AuthKind
 
 __all__ = ["KIND", "ApiKeyKind", "form_integration"]
@@ -42,8 +45,15 @@ def form_integration(spec: FieldsProvider) -> Integration:
         data = await read_fields(spec, request)
         check_api_values(spec, data)
         await verify_credential(spec, data)
+        stored = spec.stored(data)
+        learnt = await learn(
+            spec, kind(spec.auth_type).node_view(stored),
+            transport=Borrowed(db.info["broker"].token_transport),
+        )
+        check_api_values(spec, {**data, **learnt})
         return await register_custom_integration(
-            db, group, name, spec.stored(data), hint=spec.credential_hint(data)
+            db, group, name, {**stored, **learnt},
+            hint={**spec.credential_hint(data), **shown(spec, learnt)},
         )
 
     return base_integration(spec, complete)

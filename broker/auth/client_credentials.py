@@ -17,10 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
 from ..catalog import OAuth2ClientCredentialsProvider, ProviderBase
+from ..connectvalues import learn, shown
 from ..credentials import expiry
 from ..errors import CredentialRejected, ProviderUnreachable, TokenEndpointError
 from ..integrations import Integration
 from ..oauth import client
+from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome
 from ..oauth.tokens import node_view, stored_token
 from ..providers import base_integration, check_api_values, read_fields
@@ -111,12 +113,14 @@ def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
             raise ProviderUnreachable(
                 f"{spec.display_name} answered without an access token."
             ) from None
+        learnt = await learn(spec, node_view(token), transport=Borrowed(broker.token_transport))
+        token["extra"].update(learnt)
         check_api_values(spec, node_view(token))
         token["client"] = creds
         expires_at = expiry(token)
         await broker.repository.put(
             db, str(group.id), name, token, auth_type=spec.auth_type,
-            hint={"client_id": data["client_id"]},
+            hint={"client_id": data["client_id"], **shown(spec, learnt)},
             expires_at=expires_at,
             next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
         )

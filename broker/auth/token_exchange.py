@@ -37,12 +37,13 @@ from starlette.requests import Request
 
 from ..apispec import Apply
 from ..catalog import FieldsProvider, ProviderBase, render
+from ..connectvalues import learn, shown
 from ..credentials import expiry
 from ..errors import CredentialRejected, ProviderUnreachable, TokenEndpointError
 from ..integrations import Integration
 from ..oauth.client import Borrowed, retry_after
 from ..oauth.decisions import Outcome
-from ..oauth.tokens import NODE_KEYS, dig, stored_token
+from ..oauth.tokens import NODE_KEYS, dig, node_view, stored_token
 from ..providers import base_integration, check_api_values, read_fields
 from ..urltemplates import check_template, template_names
 from .base import TokenKind
@@ -250,11 +251,14 @@ def _integration(spec: TokenExchangeProvider) -> Integration:
             raise ProviderUnreachable(
                 f"{spec.display_name} answered without a token."
             ) from None
+        learnt = await learn(spec, node_view(token), transport=Borrowed(broker.token_transport))
+        token["extra"].update(learnt)
+        check_api_values(spec, node_view(token))
         token["fields"] = dict(data)
         expires_at = expiry(token)
         await broker.repository.put(
             db, str(group.id), name, token, auth_type=spec.auth_type,
-            hint=spec.credential_hint(data), expires_at=expires_at,
+            hint={**spec.credential_hint(data), **shown(spec, learnt)}, expires_at=expires_at,
             next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
         )
         return {"integration": name, "status": "connected"}

@@ -25,9 +25,11 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..catalog import OAuth2Provider
+from ..connectvalues import ValueNotLearnt, learn, shown
 from ..errors import BrokerError, CredentialCorrupt, InvalidInput, TokenEndpointError
 from ..sessions import find_session_by_hash
 from . import client
+from .client import Borrowed
 from .flows import Flow, consume_flow, create_ticket, hash_secret, new_verifier, redeem_ticket
 from .issuer import check_issuer
 from .tokens import node_view, stored_token
@@ -319,6 +321,15 @@ async def finish(
         raise FlowFailed(
             f"{label} answered without an access token.", integration=name, status_code=502
         ) from None
+    try:
+        learnt = await learn(
+            spec, node_view(token), query=params,
+            transport=Borrowed(transport if transport is not None else broker.token_transport),
+        )
+    except ValueNotLearnt as exc:
+        raise FlowFailed(f"{exc.message} Start again.", integration=name,
+                         status_code=502) from None
+    token["extra"].update(learnt)
     placement = spec.placement()
     if placement is not None:
         try:
@@ -328,5 +339,7 @@ async def finish(
                 f"{label} sent an address for its API that the broker may not use "
                 f"({exc.field}).", integration=name, status_code=502,
             ) from None
-    await broker.store_token(flow.group_id, name, "oauth2", token, hint={})
+    await broker.store_token(
+        flow.group_id, name, "oauth2", token, hint=shown(spec, learnt)
+    )
     return FlowResult(name, label, flow.group_id, flow.return_to)

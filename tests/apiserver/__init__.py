@@ -14,6 +14,7 @@ path segment picks the scheme; every prefix has the same routes::
     /upload  /slow?seconds=  /set-cookie  /gzip/{n} (noise(n), Content-Encoding: gzip)
     /login  (POST {"user", "secret"}, JSON or form, checked against config.login_users:
              {"data": {"token"}, "expiresIn": config.session_lifetime}; 401 if refused)
+    /sites  (config.sites: a JSON list, like Atlassian's accessible-resources)
 
 Typical use (fixtures in ``tests/apiserver/fixture.py``)::
 

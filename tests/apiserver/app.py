@@ -190,6 +190,9 @@ def build_app(srv: ApiServer) -> ASGIApp:
         config.sessions[token] = user
         return JSONResponse({"data": {"token": token}, "expiresIn": config.session_lifetime})
 
+    async def sites(request: Request) -> Response:
+        return JSONResponse(srv.config.sites)
+
     routes = [
         Route("/echo", echo, methods=ALL_METHODS),
         Route("/echo/{rest:path}", echo, methods=ALL_METHODS),
@@ -202,6 +205,7 @@ def build_app(srv: ApiServer) -> ASGIApp:
         Route("/set-cookie", set_cookie, methods=ALL_METHODS),
         Route("/gzip/{n:int}", gzipped, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
+        Route("/sites", sites, methods=["GET"]),
     ]
     router = Starlette(routes=[Mount(f"/{scheme}", routes=routes) for scheme in SCHEMES])
     return Gate(srv, router)

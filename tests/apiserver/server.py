@@ -32,6 +32,9 @@ class ApiServerConfig:
     session_lifetime: int = 3600  # the expiresIn of each login's answer
     login_status: int | None = None  # answer every login with this status instead
     sessions: dict[str, str] = field(default_factory=dict)  # issued token -> user
+    # GET /<scheme>/sites answers this (Atlassian's accessible-resources: the sites a
+    # token may reach); under /bearer only a working token gets it.
+    sites: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ApiServer:

@@ -111,7 +111,11 @@ def build_app(srv: AuthServer) -> Starlette:
             resp: Response = oauth.create_authorization_response(
                 request=grant.request, grant_user=user, grant=grant
             )
-            return resp
+        loc = resp.headers.get("location")
+        if loc and user is not None and cfg.callback_params:
+            # Values some providers add to a successful callback (QuickBooks' realmId).
+            resp.headers["location"] = add_params_to_uri(loc, list(cfg.callback_params.items()))
+        return resp
 
     async def authorize(request: Request) -> Response:
         snap = await snapshot(request, include_query=True)

@@ -42,6 +42,7 @@ class AuthServerConfig:
     slack_errors_as_200: bool = False  # slack shape: errors as 200 {"ok": false, "error"}
     team_id: str = "T0TEST"
     extra_token_fields: dict[str, Any] = field(default_factory=dict)  # e.g. instance_url
+    callback_params: dict[str, str] = field(default_factory=dict)  # e.g. realmId, on success
 
 
 class AuthServer:
