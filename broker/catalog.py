@@ -29,6 +29,7 @@ from .apispec import (
 )
 from .connectvalues import ConnectValue
 from .errors import InvalidInput
+from .oauth.revocation import Revocation
 from .oauth.tokens import NODE_KEYS
 from .urltemplates import check_allowed_hosts, check_template, render_url, template_names
 
@@ -358,6 +359,9 @@ class OAuth2Provider(ProviderBase, TokenEndpoint):
     authorization_url: str
     refresh_url: str | None = None
     revocation_url: str | None = None
+    """An RFC 7009 revocation endpoint (disconnect revokes there)."""
+    revocation: Revocation | None = None
+    """A revocation endpoint that is not RFC 7009, as data (``oauth.revocation``)."""
     issuer: str | None = None
     """Expected ``iss`` in the callback (RFC 9207): a different one is always refused."""
     issuer_in_response: bool = False
@@ -385,7 +389,16 @@ class OAuth2Provider(ProviderBase, TokenEndpoint):
             # A setting in a URL could point the token request (and the client secret)
             # at another host: see urltemplates for what is refused.
             check_template(url, self.settings, self.allowed_hosts)
+        if self.revocation is not None:
+            if self.revocation_url is not None:
+                raise ValueError("give revocation_url (RFC 7009) or revocation, not both")
+            check_template(self.revocation.url, self.revocation_values(), self.allowed_hosts)
         return self
+
+    def revocation_values(self) -> dict[str, FieldSpec]:
+        """What ``revocation.url`` may name: the settings and the client id."""
+        return {**self.settings, "client_id": FieldSpec(
+            title="Client ID", secret=False, pattern=r"^[\x21-\x7e]{1,512}$")}
 
     def credential_names(self) -> set[str]:
         return {*NODE_KEYS, *self.settings, *self.extra_fields}

@@ -19,6 +19,7 @@ from ..catalog import OAuth2Provider, ProviderBase
 from ..errors import InvalidInput, TokenEndpointError
 from ..integrations import Integration
 from ..oauth import client
+from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome
 from ..providers import base_integration
 from .base import TokenKind
@@ -59,12 +60,16 @@ class OAuth2Kind(TokenKind):
         )
 
     def revocable(self, spec: ProviderBase) -> bool:
-        return isinstance(spec, OAuth2Provider) and spec.revocation_url is not None
+        return isinstance(spec, OAuth2Provider) and (
+            spec.revocation_url is not None or spec.revocation is not None
+        )
 
     async def revoke(
         self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
     ) -> str:
         assert isinstance(spec, OAuth2Provider)
+        if spec.revocation is not None:
+            return await _revoke_as_described(broker, spec, stored)
         # The refresh token when there is one: revoking it ends the grant (RFC 7009 2.1).
         refresh_token = stored.get("refresh_token")
         token, hint = (
@@ -81,6 +86,36 @@ class OAuth2Kind(TokenKind):
         except (httpx.HTTPError, InvalidInput, OSError):
             return "unreachable"
         return "revoked" if status == 200 else "refused"
+
+
+async def _revoke_as_described(
+    broker: Broker, spec: OAuth2Provider, stored: Mapping[str, Any]
+) -> str:
+    """Revoke at a non-RFC endpoint (``spec.revocation``); the outcome, as ``revoke``."""
+    described = spec.revocation
+    assert described is not None and spec.client_id is not None
+    client_id = spec.client_id.get_secret_value()
+    try:
+        url = spec.render_url(
+            described.url, {**(stored.get("settings") or {}), "client_id": client_id}
+        )
+    except InvalidInput:
+        return "unreachable"
+    request = described.request(
+        url, stored, client_id=client_id,
+        client_secret=spec.client_secret.get_secret_value() if spec.client_secret else None,
+    )
+    if request is None:
+        return "refused"
+    try:
+        async with httpx.AsyncClient(
+            transport=Borrowed(broker.token_transport), timeout=spec.timeout_seconds,
+            follow_redirects=False,
+        ) as http:
+            response = await http.send(request)
+    except (httpx.HTTPError, OSError):
+        return "unreachable"
+    return "revoked" if response.status_code in described.ok_status else "refused"
 
 
 def _integration(spec: OAuth2Provider) -> Integration:

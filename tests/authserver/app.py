@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import html
 import json
 from collections.abc import Callable
@@ -254,6 +256,31 @@ def build_app(srv: AuthServer) -> Starlette:
 
         return await run(rec, srv.faults.take("revoke", None), handle)
 
+    async def revoke_app_token(request: Request) -> Response:
+        # GitHub's non-RFC revocation: DELETE /applications/{client_id}/token, the app's
+        # id and secret in Basic auth, {"access_token"} as JSON; 204 when revoked.
+        snap = await snapshot(request, allow_json=True)
+        with store.lock:
+            rec = record("revoke_app_token", snap)
+
+        def handle() -> Handled:
+            client_id = request.path_params["client_id"]
+            given = request.headers.get("authorization", "")
+            with store.lock:
+                client = store.clients.get(client_id)
+                expected = base64.b64encode(
+                    f"{client_id}:{client.client_secret}".encode()
+                ).decode() if client is not None else None
+                if expected is None or not hmac.compare_digest(given, f"Basic {expected}"):
+                    return JSONResponse({"message": "Requires authentication"}, 401), None
+                tok = store.by_access.get(dict(snap.body).get("access_token", ""))
+                if tok is None or tok.client_id != client_id:
+                    return JSONResponse({"message": "Not Found"}, 404), None
+                store.revoke_family(tok.family, "revoked_by_app")
+            return Response(status_code=204), None
+
+        return await run(rec, srv.faults.take("revoke_app_token", None), handle)
+
     async def me(request: Request) -> Response:
         snap = await snapshot(request)
         with store.lock:
@@ -286,6 +313,7 @@ def build_app(srv: AuthServer) -> Starlette:
             Route("/authorize", authorize, methods=["GET", "POST"]),
             Route("/token", token, methods=["POST"]),
             Route("/revoke", revoke, methods=["POST"]),
+            Route("/applications/{client_id}/token", revoke_app_token, methods=["DELETE"]),
             Route("/api/me", me, methods=["GET"]),
             Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
         ]
