@@ -61,7 +61,9 @@ def check_fields(
     for name, field in spec.fields.items():
         value = body.get(name)
         if value is None or value == "":
-            if field.required:
+            if field.default is not None:
+                data[name] = field.default  # stored, so the API address can use it later
+            elif field.required:
                 problems.append({"field": name, "message": f"{field.title} is required"})
             continue
         if not isinstance(value, str):

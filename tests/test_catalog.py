@@ -17,6 +17,7 @@ import yaml
 
 from broker.catalog import (
     ApiKeyProvider,
+    FieldsProvider,
     OAuth2Provider,
     ProviderBase,
     builtin_catalog_dir,
@@ -25,11 +26,11 @@ from broker.catalog import (
 )
 from broker.config import Settings, load_settings
 from broker.errors import ConfigError, CredentialRejected, InvalidInput
-from broker.providers import verify_credential
+from broker.providers import check_fields, verify_credential
 
 CATALOG = builtin_catalog_dir()
 PROVIDER_FILES = sorted(CATALOG.glob("*.yaml"))
-PROVIDER_NAMES = [p.stem for p in PROVIDER_FILES]
+PROVIDER_NAMES = sorted(p.stem for p in PROVIDER_FILES)
 LEFTOVER_BRACES = re.compile(r"[{}]")
 
 
@@ -616,29 +617,44 @@ API_HOSTS = {
     "airtable": "api.airtable.com",
     "anthropic": "api.anthropic.com",
     "atlassian": "api.atlassian.com",
+    "confluence": "api.atlassian.com",
     "dropbox": "api.dropboxapi.com",
     "elevenlabs": "api.elevenlabs.io",
+    "freshdesk": "acme.freshdesk.com",
     "github": "api.github.com",
     "google": "www.googleapis.com",
     "groq": "api.groq.com",
     "hubspot": "api.hubapi.com",
+    "jira": "api.atlassian.com",
     "linear": "api.linear.app",
+    "mailchimp": "us6.api.mailchimp.com",
+    "mailgun": "api.eu.mailgun.net",
     "microsoft": "graph.microsoft.com",
     "mistral": "api.mistral.ai",
     "notion": "api.notion.com",
     "openai": "api.openai.com",
     "openweathermap": "api.openweathermap.org",
     "pinecone": "api.pinecone.io",
+    "quickbooks": "quickbooks.api.intuit.com",
     "salesforce": "acme.my.salesforce.com",
     "sendgrid": "api.sendgrid.com",
     "serpapi": "serpapi.com",
     "slack": "slack.com",
     "spotify": "api.spotify.com",
     "stripe": "api.stripe.com",
+    "twilio": "api.twilio.com",
     "zendesk": "acme.zendesk.com",
+    "zendesk-api-token": "acme.zendesk.com",
 }
-# Plausible values of kept extra fields that a base URL uses (a token response sends them).
-API_EXTRA_VALUES = {"salesforce": {"instance_url": "https://acme.my.salesforce.com"}}
+# Plausible values of kept extra fields and values learnt at connect that a base URL uses.
+CLOUD_ID = {"cloud_id": "1324a887-45db-1bf4-1e99-ef0ff456d421"}
+API_EXTRA_VALUES = {
+    "salesforce": {"instance_url": "https://acme.my.salesforce.com"},
+    "jira": CLOUD_ID,
+    "confluence": CLOUD_ID,
+    "mailchimp": {"dc": "us6"},
+    "quickbooks": {"realm_id": "4620816365"},
+}
 
 
 def api_values(spec: ProviderBase) -> dict[str, str]:
@@ -719,3 +735,19 @@ def test_salesforce_api_base_takes_sandbox_and_developer_my_domains(tmp_path: Pa
     ):
         url = placement.base({"instance_url": f"https://{host}"})
         assert url == f"https://{host}/services/data/v66.0", url
+
+
+def test_a_field_left_empty_takes_its_default_so_the_api_address_can_use_it(
+    tmp_path: Path,
+) -> None:
+    spec = load_any(tmp_path, "mailgun")
+    assert isinstance(spec, FieldsProvider)
+    data = check_fields(spec, {"api_key": "key-0123456789abcdef"})
+    assert data["api_domain"] == "api.mailgun.net"
+    placement = spec.placement()
+    assert placement is not None
+    assert placement.base(data) == "https://api.mailgun.net"
+    eu = check_fields(spec, {"api_key": "k", "api_domain": "api.eu.mailgun.net"})
+    assert placement.base(eu) == "https://api.eu.mailgun.net"
+    with pytest.raises(InvalidInput):
+        check_fields(spec, {"api_key": "k", "api_domain": "evil.example"})
