@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from sqlalchemy.exc import DBAPIError
 
+from .auth import kind
 from .config import Settings, load_settings
 from .crypto import generate_key
 from .errors import BrokerError, ConfigError
@@ -266,9 +267,10 @@ def providers_list(config_path: Path | None) -> None:
     oauth = False
     for name, spec in settings.resolved_providers.items():
         auth_type = getattr(spec, "auth_type", "")
-        oauth = oauth or auth_type == "oauth2"
+        oauth = oauth or kind(auth_type).connect == "popup"
         click.echo(f"{name:20} {spec.display_name:24} {auth_type}")
     if oauth:
         click.echo(
-            f"\nRedirect URI to register with each oauth2 provider: {settings.redirect_uri}"
+            "\nRedirect URI to register with each provider connected by a sign-in popup: "
+            f"{settings.redirect_uri}"
         )

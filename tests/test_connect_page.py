@@ -24,6 +24,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from tests.apiserver import ApiServer
 from tests.authserver import AuthServer
 from tests.browser_support import (
     ConsoleWatch,
@@ -130,6 +131,7 @@ class Env:
     serve: LiveServe
     auth: AuthServer
     host: HostSite
+    api: ApiServer
 
     def session_url(self, group_id: str, *integrations: str) -> str:
         """The link to the page for ``group_id`` (its workspace named ``Team <group_id>``)."""
@@ -160,6 +162,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     auth = AuthServer().start()
+    api = ApiServer(basic_users={"ada": "basic-password-0123"},
+                    login_users={"ada": "login-password-0123"}).start()
     # A provider page that sends Cross-Origin-Opener-Policy (as big providers' sign-in pages
     # do), then goes on to the real authorization endpoint with the same query.
     coop_page = (
@@ -196,6 +200,25 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "display_name": "Coop Co",
             "authorization_url": host.origin + "/coop/authorize",
         },
+        "basicco": {
+            "display_name": "Basic Co",
+            "auth_type": "basic",
+            "fields": {"user": {"title": "Account name", "secret": False},
+                       "secret": {"title": "Account password"}},
+            "username": "{user}",
+            "password": "{secret}",
+            "verify": {"url": f"{api.url}/basic/status/200"},
+        },
+        "twostep": {
+            "display_name": "Two Step",
+            "auth_type": "token_exchange",
+            "fields": {"user": {"title": "Login", "secret": False},
+                       "secret": {"title": "Login password"}},
+            "token_url": f"{api.url}/open/login",
+            "token_body": {"user": "{user}", "secret": "{secret}"},
+            "token_path": "data.token",
+            "expires_in_path": "expiresIn",
+        },
         "tenantco": {
             **oauth,
             "display_name": "Tenant Co",
@@ -214,10 +237,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         port_url=port_url,
     )
     try:
-        yield Env(serve, auth, host)
+        yield Env(serve, auth, host, api)
     finally:
         stop_serve(serve)
         host.stop()
+        api.stop()
         auth.stop()
 
 
@@ -304,6 +328,48 @@ async def test_apikey_connects_through_the_form_after_a_field_error_is_corrected
     await screenshot(page, "connect-connected")
     r = env.credentials("team-1", "exampleai")
     assert r.json() == {"credentials": {"api_key": KEY}}
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "user", "secret", "password"),
+    [
+        ("basicco", "Basic", "Account name", "Account password", "basic-password-0123"),
+        ("twostep", "Token exchange", "Login", "Login password", "login-password-0123"),
+    ],
+)
+async def test_basic_and_token_exchange_connect_through_their_forms(
+    browser: Any, console: ConsoleWatch, env: Env,  # noqa: F811
+    name: str, kind: str, user: str, secret: str, password: str,
+) -> None:
+    group = f"team-{name}"
+    console.expect_http(422)  # the refused credential, on purpose
+    page = await new_page(browser, console)
+    await page.goto(env.session_url(group, name))
+    card = page.locator(f'[data-integration="{name}"]')
+    await card.wait_for()
+    assert kind in await card.inner_text()
+    await card.get_by_label(user, exact=True).fill("ada")
+    field = card.get_by_label(secret, exact=True)
+    assert await field.get_attribute("type") == "password"
+    await field.fill("not-the-password")
+    await card.get_by_role("button", name="Connect").click()
+    await card.get_by_role("group", name="Confirm workspace").get_by_role(
+        "button", name=f"Connect to Team {group}").click()
+    # The provider refuses: the page says so and nothing is stored.
+    await card.locator(".error, .field-error, [role=alert]").filter(
+        has_text="did not accept").first.wait_for()
+    assert env.credentials(group, name).status_code == 404
+    await field.fill(password)
+    await card.get_by_role("button", name="Connect").click()
+    await card.get_by_role("group", name="Confirm workspace").get_by_role(
+        "button", name=f"Connect to Team {group}").click()
+    await page.locator(f'[data-integration="{name}"][data-status="connected"]').wait_for()
+    assert password not in await page.content()
+    got = env.credentials(group, name).json()["credentials"]
+    if name == "basicco":
+        assert (got["username"], got["password"]) == ("ada", password)
+    else:
+        assert got["access_token"].startswith("sess-") and password not in json.dumps(got)
 
 
 async def test_oauth2_connects_through_a_popup_sized_by_the_integration(

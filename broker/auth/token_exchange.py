@@ -238,8 +238,10 @@ def _integration(spec: TokenExchangeProvider) -> Integration:
             answer = await exchange(broker, spec, data)
         except TokenEndpointError as exc:
             if exc.outcome == Outcome.reauth:
+                secrets = [n for n, f in spec.fields.items() if f.secret]
                 raise CredentialRejected(
-                    f"{spec.display_name} did not accept these credentials.",
+                    f"{spec.display_name} did not accept these credentials. Check them and "
+                    "try again.", field=secrets[0] if secrets else None,
                 ) from None
             raise ProviderUnreachable(
                 f"{spec.display_name} could not issue a token right now. Try again later."
