@@ -72,6 +72,9 @@ class FieldSpec(_Model):
     default: str | None = None
     """Used when the user gives no value (per-connection settings)."""
     max_length: int = Field(default=4096, ge=1, le=65536)
+    format: Literal["text", "json"] = "text"
+    """``json``: the value is a JSON object (a key file's contents), checked as one at
+    connect and pasted into a text area on the connect page."""
 
     @field_validator("pattern")
     @classmethod

@@ -8,6 +8,7 @@ provider whether the credential works) before storing it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,11 @@ def check_fields(
                     "message": f"{field.title} can only contain printable ASCII characters",
                 }
             )
+        elif field.format == "json" and not _json_object(value):
+            problems.append(
+                {"field": name, "message": f"{field.title} must be a JSON object (the file's "
+                 "contents, as downloaded)"}
+            )
         elif not field.matches(value):
             expected = f" (like {field.example})" if field.example else ""
             problems.append(
@@ -91,6 +97,13 @@ def check_fields(
     if problems:
         raise InvalidInput(problems[0]["message"], field=problems[0]["field"], errors=problems)
     return data
+
+
+def _json_object(value: str) -> bool:
+    try:
+        return isinstance(json.loads(value), dict)
+    except ValueError:
+        return False
 
 
 async def read_fields(

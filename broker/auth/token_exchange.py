@@ -25,7 +25,6 @@ means the user's fields no longer work: the connection needs reconnecting.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,8 +40,9 @@ from ..connectvalues import learn, shown
 from ..credentials import expiry
 from ..errors import CredentialRejected, ProviderUnreachable, TokenEndpointError
 from ..integrations import Integration
-from ..oauth.client import Borrowed, retry_after
+from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome
+from ..oauth.tokenpost import post_for_token
 from ..oauth.tokens import NODE_KEYS, dig, node_view, stored_token
 from ..providers import base_integration, check_api_values, read_fields
 from ..urltemplates import check_template, template_names
@@ -52,10 +52,6 @@ if TYPE_CHECKING:
     from ..runtime import Broker
 
 __all__ = ["KIND", "TokenExchangeKind", "TokenExchangeProvider", "classify"]
-
-MAX_ANSWER_BYTES = 256 * 1024
-"""A token answer larger than this is not read (it is not a token answer)."""
-
 
 class TokenExchangeProvider(FieldsProvider):
     """See the module docstring."""
@@ -180,49 +176,18 @@ async def exchange(
 ) -> dict[str, Any]:
     """The exchange's JSON answer for the fields ``data``. Raises TokenEndpointError
     (status, ``Retry-After`` and outcome; never the request or the answer)."""
-    name = spec.display_name
-
-    def failed(what: str, status: int | None, wait: float | None = None) -> TokenEndpointError:
-        return TokenEndpointError(f"{name} token exchange {what}", error=None, status=status,
-                                  retry_after=wait, outcome=classify(status))
-
     try:
         request = spec.request(data)
     except (KeyError, ValueError):
         raise TokenEndpointError(
-            f"{name} token exchange: the stored fields no longer fit the provider's "
-            "configuration", error=None, status=None, retry_after=None,
+            f"{spec.display_name} token exchange: the stored fields no longer fit the "
+            "provider's configuration", error=None, status=None, retry_after=None,
             outcome=Outcome.reauth,
         ) from None
-    async with httpx.AsyncClient(
-        transport=Borrowed(broker.token_transport), timeout=spec.timeout_seconds,
-        follow_redirects=False,
-    ) as http:
-        try:
-            response = await http.send(request, stream=True)
-            try:
-                if not response.is_success:
-                    raise failed(f"answered HTTP {response.status_code}",
-                                 response.status_code,
-                                 retry_after(response.headers.get("retry-after")))
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_ANSWER_BYTES:
-                        raise failed("answered with too much", response.status_code)
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException:
-            raise failed("timed out", None) from None
-        except httpx.HTTPError as exc:
-            raise failed(f"could not be made ({type(exc).__name__})", None) from None
-    try:
-        answer = json.loads(bytes(body))
-    except ValueError:
-        raise failed("answered with something other than JSON", None) from None
-    if not isinstance(answer, dict):
-        raise failed("answered with something other than a JSON object", None)
-    return answer
+    return await post_for_token(
+        request, transport=broker.token_transport, timeout_seconds=spec.timeout_seconds,
+        label=f"{spec.display_name} token exchange", classify=lambda status, _: classify(status),
+    )
 
 
 def _integration(spec: TokenExchangeProvider) -> Integration:

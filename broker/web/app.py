@@ -95,7 +95,9 @@ def _describe(integration: Integration, group_id: str, status: Any) -> dict[str,
             "connected" if status else "not_connected"
         ),
     }
-    public = {"title", "secret", "required", "pattern", "example", "description", "default"}
+    public = {
+        "title", "secret", "required", "pattern", "example", "description", "default", "format",
+    }
     for values in ("fields", "settings"):
         specs = getattr(integration.provider, values, None)
         if specs:

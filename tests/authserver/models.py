@@ -36,6 +36,8 @@ class Client(ClientMixin):  # type: ignore[misc]
     grant_types: list[str]
     token_endpoint_auth_method: str = "client_secret_basic"
     require_pkce: bool = True
+    public_key: str | None = None  # PEM: checks this client's JWT-bearer assertions
+    subjects: tuple[str, ...] = ()  # users its assertions may name in ``sub``
 
     def get_client_id(self) -> str:
         return self.client_id

@@ -30,8 +30,10 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6750 import BearerTokenGenerator, BearerTokenValidator
 from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7523 import JWTBearerGrant
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc9207 import IssuerParameter
+from joserfc import jwk
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
@@ -230,6 +232,33 @@ class ClientCredentialsGrant(grants.ClientCredentialsGrant):  # type: ignore[mis
     TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]  # noqa: RUF012
 
 
+class JwtBearerGrant(JWTBearerGrant):  # type: ignore[misc]
+    """RFC 7523: the assertion's ``iss`` names the client; its signature is checked against
+    the client's registered public key; ``aud`` must be this server's token endpoint;
+    ``exp`` and ``iat`` within Authlib's 60 s leeway."""
+
+    def resolve_issuer_client(self, issuer: str) -> Client | None:
+        client: Client | None = self.server.store.clients.get(issuer)
+        return client if client is not None and client.public_key else None
+
+    def resolve_client_public_key(self, client: Client) -> Any:
+        assert client.public_key is not None
+        try:
+            return jwk.import_key(client.public_key, "RSA")
+        except ValueError:
+            return jwk.import_key(client.public_key, "EC")
+
+    def authenticate_user(self, subject: str) -> User | None:
+        client: Client = self.request.client  # set from ``iss`` before this is asked
+        return User(subject) if subject in client.subjects else None
+
+    def has_granted_permission(self, client: Client, user: User) -> bool:
+        return True
+
+    def get_audiences(self) -> list[str]:
+        return [self.server.issuer() + "/token"]
+
+
 class Revocation(RevocationEndpoint):  # type: ignore[misc]
     CLIENT_AUTH_METHODS = ALL_AUTH_METHODS
 
@@ -287,6 +316,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         self.register_grant(AuthorizationCodeGrant, [PKCE(required=True)])
         self.register_grant(RefreshTokenGrant)
         self.register_grant(ClientCredentialsGrant)
+        self.register_grant(JwtBearerGrant)
         self.register_endpoint(Revocation)
         self.register_extension(_Issuer(lambda: self.issuer() if self.config.include_iss else None))
         self.resource_protector = ResourceProtector()

@@ -121,6 +121,8 @@ class AuthServer:
         grant_types: Iterable[str] = ("authorization_code", "refresh_token"),
         token_endpoint_auth_method: str = "client_secret_basic",
         require_pkce: bool = True,
+        public_key: str | None = None,
+        subjects: Iterable[str] = (),
     ) -> Client:
         """Register (or replace) a client. Secrets are generated when omitted;
         ``token_endpoint_auth_method``: client_secret_basic | client_secret_post | none."""
@@ -136,6 +138,8 @@ class AuthServer:
             grant_types=list(grant_types),
             token_endpoint_auth_method=token_endpoint_auth_method,
             require_pkce=require_pkce,
+            public_key=public_key,
+            subjects=tuple(subjects),
         )
         with self.store.lock:
             self.store.clients[client.client_id] = client

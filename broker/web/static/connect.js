@@ -99,7 +99,7 @@
   // Required and pattern checks, shown beside each field. True when all fields pass.
   function checkFields(form, specs) {
     var firstBad = null;
-    form.querySelectorAll("input").forEach(function (input) {
+    form.querySelectorAll("input, textarea").forEach(function (input) {
       var spec = specs[input.name] || {};
       var value = input.value.trim();
       var message = "";
@@ -122,7 +122,17 @@
 
   function fieldInput(item, name, spec, prefix) {
     var id = prefix + "-" + item.name + "-" + name;
-    var input = el("input", {
+    // A JSON document (a service account's key file) is pasted into a text area.
+    var input = spec.format === "json" ? el("textarea", {
+      id: id,
+      name: name,
+      rows: 6,
+      autocomplete: "off",
+      spellcheck: "false",
+      "aria-required": spec.required !== false ? "true" : null,
+      placeholder: spec.example || null,
+      "aria-describedby": id + "-error",
+    }) : el("input", {
       id: id,
       name: name,
       type: spec.secret ? "password" : "text",
@@ -143,14 +153,14 @@
 
   function clearErrors(form) {
     form.querySelectorAll(".field-error").forEach(function (p) { p.textContent = ""; });
-    form.querySelectorAll("input").forEach(function (i) { i.removeAttribute("aria-invalid"); });
+    form.querySelectorAll("input, textarea").forEach(function (i) { i.removeAttribute("aria-invalid"); });
   }
 
   function showErrors(form, error) {
     var problems = error.errors || (error.field ? [{ field: error.field, message: error.message }] : []);
     var shown = false;
     problems.forEach(function (problem) {
-      var input = form.querySelector('input[name="' + CSS.escape(problem.field) + '"]');
+      var input = form.querySelector('[name="' + CSS.escape(problem.field) + '"]');
       if (!input) return;
       input.setAttribute("aria-invalid", "true");
       document.getElementById(input.id + "-error").textContent = problem.message;
@@ -233,7 +243,7 @@
 
   function formValues(form) {
     var values = {};
-    form.querySelectorAll("input").forEach(function (input) {
+    form.querySelectorAll("input, textarea").forEach(function (input) {
       if (input.value !== "") values[input.name] = input.value;
     });
     return values;
