@@ -41,6 +41,7 @@ __all__ = [
     "FieldsProvider",
     "OAuth2ClientCredentialsProvider",
     "OAuth2Provider",
+    "PopupProvider",
     "ProviderSpec",
     "TokenEndpoint",
     "builtin_catalog_dir",
@@ -354,19 +355,35 @@ class TokenEndpoint(_Model):
         return self.scope_separator.join(wanted) if wanted else None
 
 
-class OAuth2Provider(ProviderBase, TokenEndpoint):
+class PopupProvider(ProviderBase):
+    """A provider connected through the sign-in popup: a flow with a ticket, a state bound
+    to the browser, and the broker's callback (``oauth.service``); its auth type says where
+    the browser is sent and what the callback's answer becomes (``AuthKind.begin`` and
+    ``AuthKind.complete``)."""
+
+    callback_values: ClassVar[bool] = True
+    settings: dict[str, FieldSpec] = {}
+    """Per-connection values the user supplies before the popup (e.g. a subdomain);
+    usable as ``{name}`` in the URLs. They are not secret."""
+    pkce: bool = False
+    issuer: str | None = None
+    """Expected ``iss`` in the callback (RFC 9207): a different one is always refused."""
+
+    def urls(self) -> list[str]:
+        """The URL templates the settings fill (checked at the ticket)."""
+        return []
+
+
+class OAuth2Provider(PopupProvider, TokenEndpoint):
     """Authorization code flow (with PKCE S256 unless ``pkce: false``)."""
 
     auth_type: Literal["oauth2"]
-    callback_values: ClassVar[bool] = True
     authorization_url: str
     refresh_url: str | None = None
     revocation_url: str | None = None
     """An RFC 7009 revocation endpoint (disconnect revokes there)."""
     revocation: Revocation | None = None
     """A revocation endpoint that is not RFC 7009, as data (``oauth.revocation``)."""
-    issuer: str | None = None
-    """Expected ``iss`` in the callback (RFC 9207): a different one is always refused."""
     issuer_in_response: bool = False
     """The provider always sends ``iss`` (its metadata says
     ``authorization_response_iss_parameter_supported``): a missing one is refused."""
@@ -374,9 +391,6 @@ class OAuth2Provider(ProviderBase, TokenEndpoint):
     refresh_params: dict[str, str] = {}
     """Extra parameters on refresh requests only (after ``token_params``)."""
     pkce: bool = True
-    settings: dict[str, FieldSpec] = {}
-    """Per-connection values the user supplies before the popup (e.g. a subdomain);
-    usable as ``{name}`` in the URLs. They are not secret."""
     client_id: SecretStr | None = None
     client_secret: SecretStr | None = None
     refresh_token_idle_refresh_days: float | None = Field(default=None, gt=0)

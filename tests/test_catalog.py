@@ -446,12 +446,12 @@ def test_oauth2_provider_specific_parameters(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", OAUTH2_NAMES)
 def test_oauth2_authorization_url_carries_scopes_params_and_pkce(tmp_path: Path, name: str) -> None:
-    from broker.oauth import service
+    from broker.auth.oauth2 import authorization_url
 
     spec = load_oauth2(tmp_path, name)
     values = oauth2_examples(spec)
     verifier = "v" * 64
-    url = service.authorization_url(
+    url = authorization_url(
         spec,
         state="state-123",
         verifier=verifier if spec.pkce else None,

@@ -7,8 +7,10 @@ and what a node gets of it (``node_view``), whether the refresh engine renews it
 (``refreshable``) and how (``renew``: the token request; the engine's single flight,
 leases and outcomes are shared by every refreshable type, in ``credentials``), and what a
 refreshed credential keeps of the old one (``carry``), and whether and how a disconnected
-one is revoked at the provider (``revocable``, ``revoke``). How the credential goes on a
-request is the spec's (``ProviderBase.default_auth``, overridden by ``api.auth``).
+one is revoked at the provider (``revocable``, ``revoke``); for the types connected
+through the popup, where the browser goes and what the callback becomes (``begin``,
+``complete``). How the credential goes on a request is the spec's
+(``ProviderBase.default_auth``, overridden by ``api.auth``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from ..oauth.tokens import node_view, stored_token
 
 if TYPE_CHECKING:
+    import httpx
+
     from ..catalog import ProviderBase
     from ..integrations import Integration
+    from ..oauth.flows import Flow
     from ..runtime import Broker
 
 __all__ = ["AuthKind", "TokenKind"]
@@ -55,6 +60,21 @@ class AuthKind:
     def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         """What a node gets of a stored credential (default: all of it)."""
         return dict(stored)
+
+    async def begin(self, broker: Broker, spec: ProviderBase, flow: Flow) -> str:
+        """Popup types: the URL to send the browser to for ``flow`` (its ``state`` must
+        come back on the callback). Raises InvalidInput for a setting the provider's
+        URLs may no longer take."""
+        raise NotImplementedError(f"{self.name} is not connected through a popup")
+
+    async def complete(
+        self, broker: Broker, spec: ProviderBase, flow: Flow,
+        params: Mapping[str, list[str]], *, transport: httpx.AsyncBaseTransport,
+    ) -> dict[str, Any]:
+        """Popup types: the credential to store from the callback's query ``params``
+        (the flow already checked: state, browser, session, no ``error``). Raises
+        ``oauth.service.FlowFailed`` with what the user should read."""
+        raise NotImplementedError(f"{self.name} is not connected through a popup")
 
     async def renew(
         self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]

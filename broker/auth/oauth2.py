@@ -8,10 +8,13 @@ token, its type, expiry and scope, the per-connection settings and the kept extr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
@@ -21,13 +24,19 @@ from ..integrations import Integration
 from ..oauth import client
 from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome
+from ..oauth.flows import Flow
+from ..oauth.issuer import check_issuer
+from ..oauth.service import FlowFailed, single
+from ..oauth.tokens import stored_token
 from ..providers import base_integration
 from .base import TokenKind
 
 if TYPE_CHECKING:
     from ..runtime import Broker
 
-__all__ = ["KIND", "OAuth2Kind"]
+__all__ = ["KIND", "OAuth2Kind", "authorization_url"]
+
+log = logging.getLogger("broker.oauth")
 
 
 class OAuth2Kind(TokenKind):
@@ -58,6 +67,58 @@ class OAuth2Kind(TokenKind):
             spec, refresh_token=refresh_token, settings=stored.get("settings") or {},
             transport=broker.token_transport,
         )
+
+    async def begin(self, broker: Broker, spec: ProviderBase, flow: Flow) -> str:
+        assert isinstance(spec, OAuth2Provider)
+        return authorization_url(
+            spec, state=flow.state, verifier=flow.verifier,
+            redirect_uri=broker.settings.redirect_uri, settings=flow.settings,
+        )
+
+    async def complete(
+        self, broker: Broker, spec: ProviderBase, flow: Flow,
+        params: Mapping[str, list[str]], *, transport: httpx.AsyncBaseTransport,
+    ) -> dict[str, Any]:
+        assert isinstance(spec, OAuth2Provider)
+        name, label = spec.name, spec.display_name
+        iss = single(params, "iss", name)
+        others = [
+            i.provider for i in broker.registry if isinstance(i.provider, OAuth2Provider)
+        ]
+        refusal = check_issuer(iss, spec, others, settings=flow.settings)
+        if refusal is not None:
+            log.warning("refused an OAuth2 callback for %s: %s", name, refusal.reason)
+            said = "say it came" if refusal.missing else "come"
+            raise FlowFailed(
+                f"The sign-in response did not {said} from {label}. Start again.",
+                integration=name,
+            )
+        code = single(params, "code", name)
+        if not code:
+            raise FlowFailed(f"{label} did not return an authorization code.", integration=name)
+        try:
+            response = await client.exchange_code(
+                spec, code=code, code_verifier=flow.verifier,
+                redirect_uri=broker.settings.redirect_uri, settings=flow.settings,
+                transport=transport,
+            )
+        except TokenEndpointError as exc:
+            reason = f" ({exc.error})" if exc.error else ""
+            raise FlowFailed(
+                f"{label} did not issue a token{reason}. Start again.", integration=name,
+                status_code=502 if exc.outcome == Outcome.transient else 400,
+            ) from None
+        try:
+            return stored_token(
+                response, now=broker.now(), default_lifetime=spec.default_lifetime_seconds,
+                token_path=spec.token_path, extra_fields=spec.extra_fields,
+                settings=flow.settings, expires=spec.expires,
+            )
+        except ValueError:
+            raise FlowFailed(
+                f"{label} answered without an access token.", integration=name,
+                status_code=502,
+            ) from None
 
     def revocable(self, spec: ProviderBase) -> bool:
         return isinstance(spec, OAuth2Provider) and (
@@ -116,6 +177,27 @@ async def _revoke_as_described(
     except (httpx.HTTPError, OSError):
         return "unreachable"
     return "revoked" if response.status_code in described.ok_status else "refused"
+
+
+def authorization_url(
+    spec: OAuth2Provider, *, state: str, verifier: str | None, redirect_uri: str,
+    settings: Mapping[str, str],
+) -> str:
+    assert spec.client_id is not None
+    params: dict[str, Any] = dict(spec.authorization_params)
+    if verifier is not None:
+        params["code_challenge"] = create_s256_code_challenge(verifier)
+        params["code_challenge_method"] = "S256"
+    uri: str = prepare_grant_uri(
+        spec.render_url(spec.authorization_url, settings),
+        client_id=spec.client_id.get_secret_value(),
+        response_type="code",
+        redirect_uri=redirect_uri,
+        scope=spec.scope_string(),
+        state=state,
+        **params,
+    )
+    return uri
 
 
 def _integration(spec: OAuth2Provider) -> Integration:

@@ -1,4 +1,6 @@
-"""The authorization-code flow, end to end: ticket, start, finish.
+"""The sign-in popup's flow, end to end, for every auth type connected through it: ticket,
+start, finish (the auth type's ``begin`` and ``complete`` do what is theirs: for OAuth2,
+the authorization URL, the issuer check and the code exchange).
 
 ``issue_ticket`` (the ticket route) validates the per-connection settings and records the
 flow. ``start`` (``POST /oauth/start``, from a page of the broker's own) redeems the ticket,
@@ -20,19 +22,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..catalog import OAuth2Provider
+from ..auth import kind
+from ..catalog import PopupProvider
 from ..connectvalues import ValueNotLearnt, learn, shown
-from ..errors import BrokerError, CredentialCorrupt, InvalidInput, TokenEndpointError
+from ..errors import BrokerError, CredentialCorrupt, InvalidInput
 from ..sessions import find_session_by_hash
-from . import client
 from .client import Borrowed
 from .flows import Flow, consume_flow, create_ticket, hash_secret, new_verifier, redeem_ticket
-from .issuer import check_issuer
-from .tokens import node_view, stored_token
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -45,6 +43,7 @@ __all__ = [
     "finish",
     "flow_cookie",
     "issue_ticket",
+    "single",
     "start",
 ]
 
@@ -82,7 +81,7 @@ def flow_cookie(state: str) -> str:
     return "broker_flow_" + hash_secret(state)[:16]
 
 
-def check_settings(spec: OAuth2Provider, given: Mapping[str, Any]) -> dict[str, str]:
+def check_settings(spec: PopupProvider, given: Mapping[str, Any]) -> dict[str, str]:
     """The per-connection settings from ``given``, validated (InvalidInput names the
     first field at fault)."""
     unknown = sorted(set(given) - set(spec.settings))
@@ -105,30 +104,9 @@ def check_settings(spec: OAuth2Provider, given: Mapping[str, Any]) -> dict[str, 
     return values
 
 
-def authorization_url(
-    spec: OAuth2Provider, *, state: str, verifier: str | None, redirect_uri: str,
-    settings: Mapping[str, str],
-) -> str:
-    assert spec.client_id is not None
-    params: dict[str, Any] = dict(spec.authorization_params)
-    if verifier is not None:
-        params["code_challenge"] = create_s256_code_challenge(verifier)
-        params["code_challenge_method"] = "S256"
-    uri: str = prepare_grant_uri(
-        spec.render_url(spec.authorization_url, settings),
-        client_id=spec.client_id.get_secret_value(),
-        response_type="code",
-        redirect_uri=redirect_uri,
-        scope=spec.scope_string(),
-        state=state,
-        **params,
-    )
-    return uri
-
-
 async def issue_ticket(
     broker: Broker,
-    spec: OAuth2Provider,
+    spec: PopupProvider,
     *,
     group_id: str,
     session_hash: str | None,
@@ -195,24 +173,24 @@ async def start(broker: Broker, ticket: str, *, browser_nonce: str) -> tuple[str
     name = flow.integration
     if lapsed:
         raise FlowFailed(SESSION_ENDED, integration=name, status_code=401)
-    integration = broker.registry.get(name) if name in broker.registry else None
-    spec = integration.provider if integration is not None else None
-    if not isinstance(spec, OAuth2Provider):
-        raise FlowFailed("This integration is no longer enabled.", integration=name)
+    spec = _popup_spec(broker, name)
     try:
-        url = authorization_url(
-            spec,
-            state=flow.state,
-            verifier=flow.verifier,
-            redirect_uri=broker.settings.redirect_uri,
-            settings=flow.settings,
-        )
+        url = await kind(spec.auth_type).begin(broker, spec, flow)
     except InvalidInput as exc:  # the provider's allowed hosts changed since the ticket
         raise FlowFailed(exc.message, integration=name) from None
     return url, flow.state
 
 
-def _single(
+def _popup_spec(broker: Broker, name: str) -> PopupProvider:
+    """The enabled popup provider ``name``; FlowFailed when it is no longer enabled."""
+    integration = broker.registry.get(name) if name in broker.registry else None
+    spec = integration.provider if integration is not None else None
+    if not isinstance(spec, PopupProvider):
+        raise FlowFailed("This integration is no longer enabled.", integration=name)
+    return spec
+
+
+def single(
     params: Mapping[str, list[str]], name: str, integration: str | None = None
 ) -> str | None:
     values = params.get(name) or []
@@ -236,7 +214,7 @@ async def finish(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> FlowResult:
     """Finish the flow named by ``state`` in ``params`` (the callback's query)."""
-    state = _single(params, "state")
+    state = single(params, "state")
     if not state:
         raise FlowFailed("The sign-in response has no state. Start again from the app.")
     now = broker.now()
@@ -266,65 +244,21 @@ async def finish(
         )
     if lapsed:
         raise FlowFailed(SESSION_ENDED, integration=name, status_code=401)
-    integration = broker.registry.get(name) if name in broker.registry else None
-    spec = integration.provider if integration is not None else None
-    if not isinstance(spec, OAuth2Provider):
-        raise FlowFailed("This integration is no longer enabled.", integration=name)
+    spec = _popup_spec(broker, name)
     label = spec.display_name
-
-    error = _single(params, "error", name)
+    error = single(params, "error", name)
     if error is not None:
         if error == "access_denied":
             raise FlowFailed(f"Access to {label} was declined.", integration=name)
         raise FlowFailed(f"{label} could not complete the sign-in.", integration=name)
-    iss = _single(params, "iss", name)
-    others = [i.provider for i in broker.registry if isinstance(i.provider, OAuth2Provider)]
-    refusal = check_issuer(iss, spec, others, settings=flow.settings)
-    if refusal is not None:
-        log.warning("refused an OAuth2 callback for %s: %s", name, refusal.reason)
-        said = "say it came" if refusal.missing else "come"
-        raise FlowFailed(
-            f"The sign-in response did not {said} from {label}. Start again.", integration=name
-        )
-    code = _single(params, "code", name)
-    if not code:
-        raise FlowFailed(f"{label} did not return an authorization code.", integration=name)
-
-    try:
-        response = await client.exchange_code(
-            spec,
-            code=code,
-            code_verifier=flow.verifier,
-            redirect_uri=broker.settings.redirect_uri,
-            settings=flow.settings,
-            transport=transport if transport is not None else broker.token_transport,
-        )
-    except TokenEndpointError as exc:
-        reason = f" ({exc.error})" if exc.error else ""
-        raise FlowFailed(
-            f"{label} did not issue a token{reason}. Start again.",
-            integration=name,
-            status_code=502 if exc.outcome == "transient" else 400,
-        ) from None
-    now = broker.now()
-    try:
-        token = stored_token(
-            response,
-            now=now,
-            default_lifetime=spec.default_lifetime_seconds,
-            token_path=spec.token_path,
-            extra_fields=spec.extra_fields,
-            settings=flow.settings,
-            expires=spec.expires,
-        )
-    except ValueError:
-        raise FlowFailed(
-            f"{label} answered without an access token.", integration=name, status_code=502
-        ) from None
+    transport = transport if transport is not None else broker.token_transport
+    token = await kind(spec.auth_type).complete(
+        broker, spec, flow, params, transport=transport
+    )
     try:
         learnt = await learn(
-            spec, node_view(token), query=params,
-            transport=Borrowed(transport if transport is not None else broker.token_transport),
+            spec, kind(spec.auth_type).node_view(token), query=params,
+            transport=Borrowed(transport),
         )
     except ValueNotLearnt as exc:
         raise FlowFailed(f"{exc.message} Start again.", integration=name,
@@ -333,13 +267,13 @@ async def finish(
     placement = spec.placement()
     if placement is not None:
         try:
-            placement.check_values(node_view(token))
+            placement.check_values(kind(spec.auth_type).node_view(token))
         except InvalidInput as exc:
             raise FlowFailed(
                 f"{label} sent an address for its API that the broker may not use "
                 f"({exc.field}).", integration=name, status_code=502,
             ) from None
     await broker.store_token(
-        flow.group_id, name, "oauth2", token, hint=shown(spec, learnt)
+        flow.group_id, name, spec.auth_type, token, hint=shown(spec, learnt)
     )
     return FlowResult(name, label, flow.group_id, flow.return_to)

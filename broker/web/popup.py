@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..catalog import OAuth2Provider
+from ..catalog import PopupProvider
 from ..errors import Forbidden, InvalidInput
 from ..oauth.flows import FLOW_TTL, TICKET_PREFIX
 from ..oauth.service import FlowFailed, finish, flow_cookie, issue_ticket, start
@@ -76,7 +76,7 @@ async def create_ticket(request: Request) -> Response:
     group_id = group_id_of(request)
     integration = integration_of(request, group_id)
     spec = integration.provider
-    if not isinstance(spec, OAuth2Provider):
+    if not isinstance(spec, PopupProvider):
         raise InvalidInput(
             f"{integration.name} is not connected through a sign-in popup.", field="name"
         )
