@@ -65,19 +65,19 @@ async def test_basic_connects_verified_and_calls_the_api_both_ways(
     apiserver.config.basic_users = {SID: TOKEN, "fd-key-0123456789": "X",
                                     "a@example.com/token": "zd-token"}
     async with live_factory(extra_providers={
-        "twilio": twilio_like(apiserver), "freshdesk": freshdesk_like(apiserver),
+        "twlike": twilio_like(apiserver), "fdlike": freshdesk_like(apiserver),
         "zdtoken": zendesk_like(apiserver),
     }) as live:
         r = await live.service.get("/groups/g1/integrations")
         listed = {i["name"]: i for i in r.json()["integrations"]}
-        assert listed["twilio"]["auth_type"] == "basic"
-        assert set(listed["twilio"]["fields"]) == {"username", "password"}
-        assert set(listed["freshdesk"]["fields"]) == {"username"}
+        assert listed["twlike"]["auth_type"] == "basic"
+        assert set(listed["twlike"]["fields"]) == {"username", "password"}
+        assert set(listed["fdlike"]["fields"]) == {"username"}
 
-        r = await live.service.post("/groups/g1/integrations/custom/twilio",
+        r = await live.service.post("/groups/g1/integrations/custom/twlike",
                                     json={"username": SID, "password": TOKEN})
         assert r.status_code == 200, r.text
-        r = await live.service.post("/groups/g1/integrations/custom/freshdesk",
+        r = await live.service.post("/groups/g1/integrations/custom/fdlike",
                                     json={"username": "fd-key-0123456789"})
         assert r.status_code == 200, r.text
         r = await live.service.post("/groups/g1/integrations/custom/zdtoken",
@@ -87,14 +87,14 @@ async def test_basic_connects_verified_and_calls_the_api_both_ways(
             SID, "fd-key-0123456789", "a@example.com/token"]
 
         ctx = ExecutionContext.local(live.broker, "g1")
-        got = await ctx.custom_integration("twilio")
+        got = await ctx.custom_integration("twlike")
         assert got == {"username": SID, "password": TOKEN,
                        "authorization": basic_authorization(SID, TOKEN)}
         assert base64.b64decode(got["authorization"].split()[1]) == f"{SID}:{TOKEN}".encode()
-        async with ctx.client("freshdesk") as api:
+        async with ctx.client("fdlike") as api:
             r = await api.get("/echo")
         assert r.status_code == 200 and r.json()["principal"] == "fd-key-0123456789"
-        r = await live.service.get("/groups/g1/integrations/twilio/proxy/echo")
+        r = await live.service.get("/groups/g1/integrations/twlike/proxy/echo")
         assert r.status_code == 200 and r.json()["principal"] == SID
         r = await live.service.get("/groups/g1/integrations/zdtoken/proxy/echo")
         assert r.status_code == 200 and r.json()["principal"] == "a@example.com/token"
@@ -105,13 +105,13 @@ async def test_a_refused_basic_credential_stores_nothing(
 ) -> None:
     apiserver.config.basic_users = {SID: TOKEN}
     async with live_factory(extra_providers={
-        "twilio": twilio_like(apiserver), "zdtoken": zendesk_like(apiserver),
+        "twlike": twilio_like(apiserver), "zdtoken": zendesk_like(apiserver),
     }) as live:
-        r = await live.service.post("/groups/g1/integrations/custom/twilio",
+        r = await live.service.post("/groups/g1/integrations/custom/twlike",
                                     json={"username": SID, "password": "wrong"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "credential_rejected"
         assert "wrong" not in r.text
-        r = await live.service.post("/groups/g1/integrations/custom/twilio",
+        r = await live.service.post("/groups/g1/integrations/custom/twlike",
                                     json={"username": "not-a-sid", "password": TOKEN})
         assert r.status_code == 422 and r.json()["error"]["field"] == "username"
         # A ':' in what becomes the user name would move the split: refused before sending.
@@ -121,7 +121,7 @@ async def test_a_refused_basic_credential_stores_nothing(
         assert r.status_code == 422 and r.json()["error"]["field"] == "email"
         assert len(apiserver.requests) == sent
         async with live.broker.session() as db:
-            assert await live.broker.repository.get(db, "g1", "twilio") is None
+            assert await live.broker.repository.get(db, "g1", "twlike") is None
             assert await live.broker.repository.get(db, "g1", "zdtoken") is None
 
 

@@ -378,7 +378,7 @@ def test_inline_provider_template_naming_an_unknown_field_is_rejected(tmp_path: 
         "    apply:\n      query: {key: '{api_key}'}\n",
     )
     line = line_for(problems_of(path), path, "providers.acme")
-    assert "['api_key'] which are not fields" in line
+    assert "apply names ['api_key'], which a connection does not have" in line
 
 
 def test_inline_provider_with_unsupported_auth_type_lists_the_known_ones(tmp_path: Path) -> None:
