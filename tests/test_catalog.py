@@ -47,9 +47,16 @@ APIKEY_NAMES = [p.stem for p in APIKEY_FILES]
 def enable(name: str) -> dict[str, object]:
     """The config.yaml entry that enables ``name``: OAuth2 apps need the operator's client
     credentials there (never in the catalog file); API-key providers need nothing."""
-    if _raw(CATALOG / f"{name}.yaml").get("auth_type") == "oauth2":
+    raw = _raw(CATALOG / f"{name}.yaml")
+    if raw.get("auth_type") == "oauth2":
         return {"client_id": "test-client-id", "client_secret": "test-client-secret"}
+    if raw.get("auth_type") == "jwt_bearer" and "private_key_from" not in raw:
+        return {"client_id": "test-consumer-key", "private_key": TEST_PEM}
     return {}
+
+
+# An operator's signing key for the jwt_bearer files that use one (never used to sign here).
+TEST_PEM = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
 
 
 def write_config(tmp_path: Path, providers: dict[str, object], **extra: object) -> Path:
@@ -623,6 +630,7 @@ API_HOSTS = {
     "freshdesk": "acme.freshdesk.com",
     "github": "api.github.com",
     "google": "www.googleapis.com",
+    "google-service-account": "www.googleapis.com",
     "groq": "api.groq.com",
     "hubspot": "api.hubapi.com",
     "jira": "api.atlassian.com",
@@ -637,6 +645,7 @@ API_HOSTS = {
     "pinecone": "api.pinecone.io",
     "quickbooks": "quickbooks.api.intuit.com",
     "salesforce": "acme.my.salesforce.com",
+    "salesforce-jwt": "acme.my.salesforce.com",
     "sendgrid": "api.sendgrid.com",
     "serpapi": "serpapi.com",
     "slack": "slack.com",
@@ -653,6 +662,7 @@ API_EXTRA_VALUES = {
     "jira": CLOUD_ID,
     "confluence": CLOUD_ID,
     "mailchimp": {"dc": "us6"},
+    "salesforce-jwt": {"instance_url": "https://acme.my.salesforce.com"},
     "quickbooks": {"realm_id": "4620816365"},
 }
 

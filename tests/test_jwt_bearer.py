@@ -290,3 +290,40 @@ def test_an_es256_assertion_and_the_operators_key() -> None:
 def test_the_schema_refuses(data: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         _spec(**data)
+
+
+def test_the_catalogs_service_account_files_sign_what_their_docs_ask(
+    tmp_path: Any, rsa_key: Any,
+) -> None:
+    from broker.config import load_settings
+    from tests.support import yaml_text
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text({
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+        "providers": {
+            "google-service-account": {},
+            "salesforce-jwt": {"client_id": "3MVG9-consumer-key", "private_key": pem(rsa_key)},
+        },
+    }))
+    specs = load_settings(path, env={}).resolved_providers
+    google = specs["google-service-account"]
+    assert isinstance(google, JwtBearerProvider)
+    request = google.request({"key_file": key_file(rsa_key)}, NOW)
+    assert str(request.url) == "https://oauth2.googleapis.com/token"
+    form = dict(x.split("=", 1) for x in request.content.decode().split("&"))
+    _, claims = claims_of(form["assertion"])
+    assert (claims["iss"], claims["aud"]) == (EMAIL, "https://oauth2.googleapis.com/token")
+    assert "sub" not in claims and claims["exp"] - claims["iat"] == 3600
+    assert "https://www.googleapis.com/auth/spreadsheets" in claims["scope"].split()
+
+    salesforce = specs["salesforce-jwt"]
+    assert isinstance(salesforce, JwtBearerProvider)
+    request = salesforce.request({"username": "ada@acme.com", "login_host": "test.salesforce.com"},
+                                 NOW)
+    assert str(request.url) == "https://test.salesforce.com/services/oauth2/token"
+    form = dict(x.split("=", 1) for x in request.content.decode().split("&"))
+    _, claims = claims_of(form["assertion"])
+    assert (claims["iss"], claims["sub"], claims["aud"]) == (
+        "3MVG9-consumer-key", "ada@acme.com", "https://test.salesforce.com")
+    assert claims["exp"] - claims["iat"] <= 180  # Salesforce: at most three minutes

@@ -6,7 +6,8 @@ each token expires.
       key_file: {title: Service account key (JSON), format: json, max_length: 16384}
       subject: {title: User to act as, secret: false, required: false}
     private_key_from: key_file.private_key      # the user's key (Google) ...
-    # private_key: ${SALESFORCE_JWT_KEY}        # ... or the operator's (Salesforce, Box)
+    # private_key: ${SALESFORCE_JWT_KEY}        # ... or the operator's (Salesforce, Box),
+    # client_id: ${SALESFORCE_CONSUMER_KEY}     # with the app's id, as {client_id}
     key_id: "{key_file.private_key_id}"         # the JWT header's kid (optional)
     algorithm: RS256                            # RS256/384/512, PS256, ES256/384
     claims:                                     # templates over the fields
@@ -104,6 +105,8 @@ class JwtBearerProvider(FieldsProvider):
     """The operator's PEM private key (config.yaml, ``${ENV}``)."""
     private_key_from: str | None = None
     """Where the user's key is: a field, or ``field.member`` of a JSON field."""
+    client_id: str | None = None
+    """The operator's app id (Salesforce's consumer key), as ``{client_id}`` in claims."""
     key_id: str | None = None
     claims: dict[str, str]
     assertion_lifetime_seconds: int = Field(default=3600, ge=30, le=3600)
@@ -131,7 +134,13 @@ class JwtBearerProvider(FieldsProvider):
                 raise ValueError("private_key_from: the field holding a key must be secret")
         for template in templates:
             for name, _ in placeholders(template):
-                if name not in self.fields:
+                if name == "client_id" and name not in self.fields:
+                    if self.client_id is None:
+                        raise ValueError(
+                            f"{template!r} names client_id: set it in config.yaml "
+                            "(e.g. client_id: ${MY_CONSUMER_KEY})"
+                        )
+                elif name not in self.fields:
                     raise ValueError(f"{template!r} names {name!r}, which is not a field")
         check_template(self.token_url, self.public_fields(), self.allowed_hosts)
         return self
@@ -168,6 +177,8 @@ class JwtBearerProvider(FieldsProvider):
                 value = json.loads(value)
             if value is not None:
                 values[name] = value
+        if self.client_id is not None and "client_id" not in self.fields:
+            values["client_id"] = self.client_id
         return values
 
     def assertion(self, data: Mapping[str, str], now: datetime) -> str:
@@ -318,8 +329,9 @@ def _integration(spec: JwtBearerProvider) -> Integration:
         token["fields"] = dict(data)
         expires_at = expiry(token)
         hint = {**spec.credential_hint(public), **shown(spec, learnt)}
-        with contextlib.suppress(KeyError):
-            hint["account"] = fill(spec.claims["iss"], spec.values(data))
+        with contextlib.suppress(KeyError):  # who the token acts as: sub, else iss
+            who = fill(spec.claims.get("sub") or "", spec.values(data))
+            hint["account"] = who or fill(spec.claims["iss"], spec.values(data))
         await broker.repository.put(
             db, str(group.id), name, token, auth_type=spec.auth_type, hint=hint,
             expires_at=expires_at, next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
