@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.auth import kind, kinds
+from broker.auth.app_installation import AppInstallationProvider
 from broker.auth.basic import BasicProvider
 from broker.auth.jwt_bearer import JwtBearerProvider
 from broker.auth.token_exchange import TokenExchangeProvider
@@ -23,11 +24,12 @@ def test_every_type_has_a_schema_and_says_whether_it_is_renewed() -> None:
         "oauth2_cc": (OAuth2ClientCredentialsProvider, True),
         "token_exchange": (TokenExchangeProvider, True),
         "jwt_bearer": (JwtBearerProvider, True),
+        "app_installation": (AppInstallationProvider, True),
     }
     # What the connect page shows and how it connects each one.
     assert {name: k.connect for name, k in kinds().items()} == {
         "apikey": "form", "basic": "form", "oauth2": "popup", "oauth2_cc": "form",
-        "token_exchange": "form", "jwt_bearer": "form",
+        "token_exchange": "form", "jwt_bearer": "form", "app_installation": "popup",
     }
 
 
@@ -59,7 +61,7 @@ def test_the_catalog_takes_its_schemas_from_the_registry() -> None:
     try:
         parse_provider({"name": "k", "display_name": "K", "auth_type": "nope"})
     except ValueError as exc:
-        assert "apikey, basic, jwt_bearer, oauth2, oauth2_cc, token_exchange" in str(exc)
+        assert "apikey, app_installation, basic, jwt_bearer, oauth2, oauth2_cc, token_exchange" in str(exc)
     else:
         raise AssertionError("an unknown auth_type was accepted")
 

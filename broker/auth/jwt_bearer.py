@@ -63,6 +63,7 @@ from ..oauth.tokens import NODE_KEYS, dig, node_view, stored_token
 from ..providers import base_integration, check_api_values, read_fields
 from ..urltemplates import check_template
 from .base import TokenKind
+from .keys import signing_key
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -203,7 +204,7 @@ class JwtBearerProvider(FieldsProvider):
             header["kid"] = kid
         try:
             signed = JWTBearerGrant.sign(
-                _import_key(key, self.algorithm), claims.pop("iss"), claims.pop("aud"),
+                signing_key(key, self.algorithm), claims.pop("iss"), claims.pop("aud"),
                 subject=claims.pop("sub", None), issued_at=issued,
                 expires_at=issued + self.assertion_lifetime_seconds, claims=claims,
                 header=header,
@@ -233,14 +234,6 @@ class JwtBearerProvider(FieldsProvider):
             extra_fields=self.extra_fields, previous_extra=old.get("extra"),
             settings=old.get("settings"), renewable=True,
         )
-
-
-def _import_key(pem: str, algorithm: str) -> Any:
-    from joserfc import jwk
-
-    if algorithm.startswith("ES"):
-        return jwk.import_key(pem, "EC")
-    return jwk.import_key(pem, "RSA")
 
 
 class JwtBearerKind(TokenKind):

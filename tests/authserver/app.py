@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from .apps import app_routes
 from .faults import Fault
 from .models import RequestRecord, User
 from .oauth import HTTPSnapshot, OAuth2Response
@@ -316,5 +317,6 @@ def build_app(srv: AuthServer) -> Starlette:
             Route("/applications/{client_id}/token", revoke_app_token, methods=["DELETE"]),
             Route("/api/me", me, methods=["GET"]),
             Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
+            *app_routes(srv),
         ]
     )

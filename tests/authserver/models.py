@@ -187,6 +187,8 @@ class Store:
     reuse_detected: int = 0
     grace_reuses: int = 0
     requests: list[RequestRecord] = field(default_factory=list)
+    installations: dict[int, tuple[str, str]] = field(default_factory=dict)  # id: (app, owner)
+    app_token_requests: list[str] = field(default_factory=list)  # app JWTs presented
     signals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def new_family(self, client_id: str, username: str | None, grant_type: str) -> Family:

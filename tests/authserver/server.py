@@ -43,6 +43,12 @@ class AuthServerConfig:
     team_id: str = "T0TEST"
     extra_token_fields: dict[str, Any] = field(default_factory=dict)  # e.g. instance_url
     callback_params: dict[str, str] = field(default_factory=dict)  # e.g. realmId, on success
+    # App installations (apps.py): slug -> the app's client id; who installs; which id the
+    # install page reports (None: a new installation of install_user's); setup_action.
+    app_slugs: dict[str, str] = field(default_factory=dict)
+    install_user: str = "alice"
+    install_id: int | None = None
+    install_action: str = "install"
 
 
 class AuthServer:
