@@ -238,3 +238,28 @@ def test_the_schema_refuses(data: dict[str, Any]) -> None:
 )
 def test_failures_are_classified(status: int | None, outcome: Outcome) -> None:
     assert classify(status, None) == outcome
+
+
+def test_the_catalogs_github_app_file_asks_what_githubs_docs_ask(
+    tmp_path: Any, app_key: Any,
+) -> None:
+    from broker.config import load_settings
+    from tests.support import yaml_text
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text({
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+        "providers": {"github-app": {"app_slug": "acme-bot", "client_id": "Iv23.acme",
+                                     "client_secret": "s", "private_key": pem(app_key)}},
+    }))
+    spec = load_settings(path, env={}).resolved_providers["github-app"]
+    assert isinstance(spec, AppInstallationProvider)
+    assert spec.install("xyz") == "https://github.com/apps/acme-bot/installations/new?state=xyz"
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    request = spec.token_request({"installation_id": "42"}, now)
+    assert str(request.url) == "https://api.github.com/app/installations/42/access_tokens"
+    assert request.headers["x-github-api-version"] == "2022-11-28"
+    claims = claims_of(request.headers["authorization"].removeprefix("Bearer "))
+    assert claims["iss"] == "Iv23.acme" and claims["exp"] - int(now.timestamp()) <= 600
+    assert spec.ownership is not None
+    assert spec.ownership.check_url.startswith("https://api.github.com/user/installations")

@@ -52,6 +52,9 @@ def enable(name: str) -> dict[str, object]:
         return {"client_id": "test-client-id", "client_secret": "test-client-secret"}
     if raw.get("auth_type") == "jwt_bearer" and "private_key_from" not in raw:
         return {"client_id": "test-consumer-key", "private_key": TEST_PEM}
+    if raw.get("auth_type") == "app_installation":
+        return {"app_slug": "test-app", "client_id": "Iv1.test", "client_secret": "s",
+                "private_key": TEST_PEM}
     return {}
 
 
@@ -629,6 +632,7 @@ API_HOSTS = {
     "elevenlabs": "api.elevenlabs.io",
     "freshdesk": "acme.freshdesk.com",
     "github": "api.github.com",
+    "github-app": "api.github.com",
     "google": "www.googleapis.com",
     "google-service-account": "www.googleapis.com",
     "groq": "api.groq.com",
@@ -663,6 +667,7 @@ API_EXTRA_VALUES = {
     "confluence": CLOUD_ID,
     "mailchimp": {"dc": "us6"},
     "salesforce-jwt": {"instance_url": "https://acme.my.salesforce.com"},
+    "github-app": {"installation_id": "42"},
     "quickbooks": {"realm_id": "4620816365"},
 }
 
