@@ -61,7 +61,8 @@ def test_the_catalog_takes_its_schemas_from_the_registry() -> None:
     try:
         parse_provider({"name": "k", "display_name": "K", "auth_type": "nope"})
     except ValueError as exc:
-        assert "apikey, app_installation, basic, jwt_bearer, oauth2, oauth2_cc, token_exchange" in str(exc)
+        names = "apikey, app_installation, basic, jwt_bearer, oauth2, oauth2_cc, token_exchange"
+        assert names in str(exc)
     else:
         raise AssertionError("an unknown auth_type was accepted")
 
