@@ -65,6 +65,10 @@ class CredentialHandle(Protocol):
         cannot be renewed (an API key)."""
         ...
 
+    async def signer(self) -> Callable[[httpx.Request], None] | None:
+        """What signs each request with secrets the broker keeps (OAuth 1.0a), or None."""
+        ...
+
 
 class ConnectionHandle:
     """A connection of a broker in this process (``CredentialHandle``)."""
@@ -75,9 +79,18 @@ class ConnectionHandle:
         self.integration = integration
         auth_type = getattr(integration.provider, "auth_type", "")
         self.refreshable = kind(auth_type).refreshable
+        self.signs = kind(auth_type).signs
 
     async def current(self) -> Mapping[str, Any]:
         return await self.broker.tokens.get(self.group_id, self.integration)
+
+    async def signer(self) -> Callable[[httpx.Request], None] | None:
+        spec = self.integration.provider
+        if not self.signs or spec is None:
+            return None
+        async with self.broker.session() as db:
+            found = await self.broker.repository.get(db, self.group_id, self.integration.key)
+        return None if found is None else kind(spec.auth_type).signer(spec, found.data)
 
     async def renew(self, rejected: Mapping[str, Any]) -> Mapping[str, Any] | None:
         token = rejected.get("access_token")
@@ -115,6 +128,7 @@ class ProviderAuth(httpx.Auth):
         """Refreshes this auth asked for (for the proxy's access log)."""
         self.credential: Mapping[str, Any] | None = None
         """The credential last applied."""
+        self._sign: Callable[[httpx.Request], None] | None = None
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -134,6 +148,7 @@ class ProviderAuth(httpx.Auth):
                 field="path",
             )
         credential = await self.handle.current()
+        self._sign = await self.handle.signer()
         self._apply(request, credential)
         response = yield request
         retried = 0
@@ -176,6 +191,8 @@ class ProviderAuth(httpx.Auth):
             request.headers[name] = value
         if query:
             request.url = request.url.copy_merge_params(query)
+        if self._sign is not None:  # last: the signature covers the URL as sent
+            self._sign(request)
 
 
 class SharedTransport(httpx.AsyncBaseTransport):

@@ -6,6 +6,7 @@ from broker.auth import kind, kinds
 from broker.auth.app_installation import AppInstallationProvider
 from broker.auth.basic import BasicProvider
 from broker.auth.jwt_bearer import JwtBearerProvider
+from broker.auth.oauth1 import OAuth1Provider
 from broker.auth.token_exchange import TokenExchangeProvider
 from broker.catalog import (
     ApiKeyProvider,
@@ -25,11 +26,13 @@ def test_every_type_has_a_schema_and_says_whether_it_is_renewed() -> None:
         "token_exchange": (TokenExchangeProvider, True),
         "jwt_bearer": (JwtBearerProvider, True),
         "app_installation": (AppInstallationProvider, True),
+        "oauth1": (OAuth1Provider, False),
     }
     # What the connect page shows and how it connects each one.
     assert {name: k.connect for name, k in kinds().items()} == {
         "apikey": "form", "basic": "form", "oauth2": "popup", "oauth2_cc": "form",
         "token_exchange": "form", "jwt_bearer": "form", "app_installation": "popup",
+        "oauth1": "popup",
     }
 
 
@@ -61,7 +64,8 @@ def test_the_catalog_takes_its_schemas_from_the_registry() -> None:
     try:
         parse_provider({"name": "k", "display_name": "K", "auth_type": "nope"})
     except ValueError as exc:
-        names = "apikey, app_installation, basic, jwt_bearer, oauth2, oauth2_cc, token_exchange"
+        names = "apikey, app_installation, basic, jwt_bearer, oauth1, oauth2, oauth2_cc, "
+        names += "token_exchange"
         assert names in str(exc)
     else:
         raise AssertionError("an unknown auth_type was accepted")

@@ -7,6 +7,7 @@
     token_exchange      fields exchanged at a token URL for a token (token_exchange.py)
     jwt_bearer          a signed assertion exchanged for a token, RFC 7523 (jwt_bearer.py)
     app_installation    the operator's app installed through the popup (app_installation.py)
+    oauth1              OAuth 1.0a through the popup; requests signed by the broker (oauth1.py)
 
 Adding a type is adding a module with its ``AuthKind`` and its provider schema, and naming
 the module in ``MODULES``. ``kind(auth_type)`` gives the type of a provider or of a stored
@@ -25,7 +26,7 @@ __all__ = ["AuthKind", "kind", "kinds"]
 
 MODULES = (
     "apikey", "basic", "oauth2", "client_credentials", "token_exchange", "jwt_bearer",
-    "app_installation",
+    "app_installation", "oauth1",
 )
 
 

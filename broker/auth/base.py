@@ -15,7 +15,7 @@ through the popup, where the browser goes and what the callback becomes (``begin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -44,6 +44,9 @@ class AuthKind:
     sign-in popup."""
     refreshable: ClassVar[bool] = False
     """Whether its credential is a token the refresh engine renews before expiry."""
+    signs: ClassVar[bool] = False
+    """Whether each API request is signed with secrets only the broker holds (``signer``)
+    rather than carrying a credential a node could hold (``api.auth``)."""
     renews_without_refresh_token: ClassVar[bool] = False
     """Whether a renewal needs no refresh token (the client credentials grant is asked
     again): a token of such a type never counts as non-expiring for lacking one."""
@@ -60,6 +63,13 @@ class AuthKind:
     def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         """What a node gets of a stored credential (default: all of it)."""
         return dict(stored)
+
+    def signer(
+        self, spec: ProviderBase, stored: Mapping[str, Any]
+    ) -> Callable[[httpx.Request], None] | None:
+        """Types that ``sign``: what signs an API request in place, for the stored
+        credential (None: it cannot sign)."""
+        return None
 
     async def begin(self, broker: Broker, spec: ProviderBase, flow: Flow) -> str:
         """Popup types: the URL to send the browser to for ``flow`` (its ``state`` must

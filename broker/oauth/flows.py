@@ -46,6 +46,7 @@ __all__ = [
     "new_state",
     "prune_flows",
     "redeem_ticket",
+    "remember",
 ]
 
 FLOW_TTL = timedelta(minutes=10)
@@ -82,6 +83,9 @@ class Flow:
     browser_hash: str | None
     issuer: str | None
     expires_at: datetime
+    extra: dict[str, str] = field(default_factory=dict, repr=False)
+    """What the auth type's ``begin`` kept for its ``complete`` (OAuth 1.0a's temporary
+    credentials), sealed with the rest."""
 
 
 def _owner(group_id: str, session_hash: str | None) -> ColumnElement[bool]:
@@ -163,6 +167,20 @@ async def redeem_ticket(
     return _flow(keyring, row) if row is not None else None
 
 
+async def remember(
+    db: AsyncSession, keyring: Keyring, flow: Flow, extra: dict[str, str]
+) -> None:
+    """Seal ``extra`` into the started ``flow`` for its callback (``Flow.extra``)."""
+    state_hash = hash_secret(flow.state)
+    sealed = keyring.seal(_FLOW_SCOPE, state_hash, {
+        "state": flow.state, "verifier": flow.verifier, "settings": flow.settings,
+        "return_to": flow.return_to, "extra": extra,
+    })
+    await db.execute(
+        update(OAuthFlow).where(OAuthFlow.state_hash == state_hash).values(sealed=sealed.token)
+    )
+
+
 async def consume_flow(db: AsyncSession, keyring: Keyring, state: str) -> Flow | None:
     """Delete and return the started flow for ``state``; None when there is none (forged,
     used, or never started).
@@ -225,4 +243,5 @@ def _flow(keyring: Keyring, row: Any) -> Flow:
         browser_hash=browser_hash,
         issuer=issuer,
         expires_at=expires,
+        extra={str(k): str(v) for k, v in (data.get("extra") or {}).items()},
     )
