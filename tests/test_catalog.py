@@ -52,6 +52,8 @@ def enable(name: str) -> dict[str, object]:
         return {"client_id": "test-client-id", "client_secret": "test-client-secret"}
     if raw.get("auth_type") == "jwt_bearer" and "private_key_from" not in raw:
         return {"client_id": "test-consumer-key", "private_key": TEST_PEM}
+    if raw.get("auth_type") == "oauth1":
+        return {"client_id": "test-key", "client_secret": "test-secret"}
     if raw.get("auth_type") == "app_installation":
         return {"app_slug": "test-app", "client_id": "Iv1.test", "client_secret": "s",
                 "private_key": TEST_PEM}
@@ -655,6 +657,7 @@ API_HOSTS = {
     "slack": "slack.com",
     "spotify": "api.spotify.com",
     "stripe": "api.stripe.com",
+    "trello": "api.trello.com",
     "twilio": "api.twilio.com",
     "zendesk": "acme.zendesk.com",
     "zendesk-api-token": "acme.zendesk.com",
