@@ -145,7 +145,7 @@ async def test_a_service_account_connects_calls_and_renews(
         assert r.status_code == 200 and r.json()["principal"] == USER
         r = await live.service.get("/groups/g1/integrations")
         listed = {i["name"]: i for i in r.json()["integrations"]}["robot"]
-        assert listed["hint"] == {"subject": USER, "account": EMAIL}
+        assert listed["hint"] == {"subject": USER, "account": USER}  # who it acts as
         assert "PRIVATE KEY" not in r.text
 
         # Past the token's refresh point (it lives 5 s here: refreshed in its second half),
