@@ -23,6 +23,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.apiserver import ApiServer
 from tests.authserver import AuthServer
@@ -42,6 +44,9 @@ KEY = "sk-test-0123456789abcdefWXYZ"
 CLIENT_ID = "broker-connect-page"
 CLIENT_SECRET = secrets.token_urlsafe(24)
 POPUP = {"width": 640, "height": 680}  # not the 660x660 default: proves the config is used
+ROBOT = "robot@project.iam.example"
+ROBOT_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 APIKEY_PROVIDER = {
     "display_name": "Example AI",
@@ -219,6 +224,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "token_path": "data.token",
             "expires_in_path": "expiresIn",
         },
+        "robot": {
+            "display_name": "Robot",
+            "auth_type": "jwt_bearer",
+            "fields": {"key_file": {"title": "Key file", "format": "json",
+                                    "max_length": 16384}},
+            "private_key_from": "key_file.private_key",
+            "claims": {"iss": "{key_file.client_email}", "aud": auth.token_endpoint},
+            "token_url": auth.token_endpoint,
+        },
         "tenantco": {
             **oauth,
             "display_name": "Tenant Co",
@@ -229,6 +243,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     port_url = free_port_url()
     auth.register_client(
         CLIENT_ID, CLIENT_SECRET, redirect_uris=[f"{port_url[1]}/oauth/callback"], scopes=["read"]
+    )
+    auth.register_client(
+        ROBOT, redirect_uris=[], grant_types=[JWT_GRANT], scopes=[],
+        token_endpoint_auth_method="none", public_key=ROBOT_KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo,
+        ).decode(),
     )
     serve = start_serve(
         tmp_path_factory.mktemp("connect-page"),
@@ -370,6 +390,34 @@ async def test_basic_and_token_exchange_connect_through_their_forms(
         assert (got["username"], got["password"]) == ("ada", password)
     else:
         assert got["access_token"].startswith("sess-") and password not in json.dumps(got)
+
+
+async def test_a_service_account_key_file_is_pasted_into_a_text_area(
+    browser: Any, console: ConsoleWatch, env: Env  # noqa: F811
+) -> None:
+    key_file = json.dumps({"client_email": ROBOT, "private_key": ROBOT_KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()}, indent=2)
+    console.expect_http(422)  # the pasted text that is not JSON, on purpose
+    page = await new_page(browser, console)
+    await page.goto(env.session_url("team-robot", "robot"))
+    card = page.locator('[data-integration="robot"]')
+    await card.wait_for()
+    area = card.get_by_label("Key file")
+    assert await area.evaluate("e => e.tagName") == "TEXTAREA"
+    await area.fill("not json")
+    await card.get_by_role("button", name="Connect").click()
+    await card.get_by_role("group", name="Confirm workspace").get_by_role(
+        "button", name="Connect to Team team-robot").click()
+    await card.locator(".field-error").filter(has_text="JSON object").wait_for()
+    await area.fill(key_file)  # a real key file: several lines
+    await card.get_by_role("button", name="Connect").click()
+    await card.get_by_role("group", name="Confirm workspace").get_by_role(
+        "button", name="Connect to Team team-robot").click()
+    await page.locator('[data-integration="robot"][data-status="connected"]').wait_for()
+    assert "PRIVATE KEY" not in await page.content()
+    got = env.credentials("team-robot", "robot").json()["credentials"]
+    assert got["access_token"] and "key_file" not in got
 
 
 async def test_oauth2_connects_through_a_popup_sized_by_the_integration(
