@@ -377,7 +377,8 @@ def test_oauth2_settings_are_plain_patterned_values(tmp_path: Path, name: str) -
     spec = load_oauth2(tmp_path, name)
     for setting_name, field in spec.settings.items():
         assert not field.secret, f"{name}.{setting_name}: settings are not secret"
-        assert field.required, f"{name}.{setting_name}: an optional setting cannot be rendered"
+        assert field.required or field.default, (
+            f"{name}.{setting_name}: an optional setting without a default cannot be rendered")
         assert field.pattern, f"{name}.{setting_name}: a URL setting needs a pattern"
         assert field.example and field.matches(field.example)
 
@@ -769,3 +770,55 @@ def test_a_field_left_empty_takes_its_default_so_the_api_address_can_use_it(
     assert placement.base(eu) == "https://api.eu.mailgun.net"
     with pytest.raises(InvalidInput):
         check_fields(spec, {"api_key": "k", "api_domain": "evil.example"})
+
+
+@pytest.mark.parametrize(
+    ("given", "tenant"),
+    [({}, "common"), ({"tenant": "organizations"}, "organizations"),
+     ({"tenant": "contoso.onmicrosoft.com"}, "contoso.onmicrosoft.com"),
+     ({"tenant": "72f988bf-86f1-41af-91ab-2d7cd011db47"}, "72f988bf-86f1-41af-91ab-2d7cd011db47")],
+)
+def test_microsoft_tenant_defaults_to_common(
+    tmp_path: Path, given: dict[str, str], tenant: str
+) -> None:
+    from broker.oauth.service import check_settings
+
+    spec = load_oauth2(tmp_path, "microsoft")
+    values = check_settings(spec, given)
+    assert spec.render_url(spec.token_url, values) == (
+        f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token")
+
+
+@pytest.mark.parametrize("value", ["evil.com/x", "a@b", "..", "x y", "common/../x", "a:b"])
+def test_microsoft_tenant_refuses_what_is_not_a_tenant(tmp_path: Path, value: str) -> None:
+    from broker.oauth.service import check_settings
+
+    with pytest.raises(InvalidInput):
+        check_settings(load_oauth2(tmp_path, "microsoft"), {"tenant": value})
+
+
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [({}, "login.salesforce.com"), ({"login_host": "test.salesforce.com"}, "test.salesforce.com"),
+     ({"login_host": "acme--uat.sandbox.my.salesforce.com"},
+      "acme--uat.sandbox.my.salesforce.com")],
+)
+def test_salesforce_login_host_is_a_setting(
+    tmp_path: Path, given: dict[str, str], host: str
+) -> None:
+    from broker.oauth.service import check_settings
+
+    spec = load_oauth2(tmp_path, "salesforce")
+    values = check_settings(spec, given)
+    assert spec.render_url(spec.token_url, values) == f"https://{host}/services/oauth2/token"
+
+
+@pytest.mark.parametrize(
+    "value", ["evil.example", "login.salesforce.com.evil.example", "acme.my.site.com",
+              "na1.salesforce.com", "login.salesforce.com/x"],
+)
+def test_salesforce_login_host_refuses_other_hosts(tmp_path: Path, value: str) -> None:
+    from broker.oauth.service import check_settings
+
+    with pytest.raises(InvalidInput):
+        check_settings(load_oauth2(tmp_path, "salesforce"), {"login_host": value})
