@@ -259,6 +259,46 @@ def providers() -> None:
     """The provider catalog."""
 
 
+@providers.command("import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--only", "only", multiple=True, help="Convert only these entries (repeatable).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("providers-imported"), show_default=True,
+              help="Where to write the provider files.")
+def providers_import(source: Path, only: tuple[str, ...], out: Path) -> None:
+    """Convert a file in Nango's providers.yaml format into broker provider files, and
+    say, for each entry, what could not be carried over and why."""
+    import yaml
+
+    from .nangoimport import convert, dump_provider
+
+    try:
+        entries = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{source}: not YAML ({type(exc).__name__})") from None
+    if not isinstance(entries, dict):
+        raise click.ClickException(f"{source}: expected a mapping of provider entries")
+    names = list(only) or sorted(str(k) for k in entries)
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise click.ClickException(f"not in {source}: {', '.join(missing)}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = refused = 0
+    for name in names:
+        result = convert(name, entries)
+        if result.data is None:
+            refused += 1
+            click.echo(f"{name}: refused: {result.refused}")
+        else:
+            written += 1
+            (out / f"{name}.yaml").write_text(dump_provider(name, result.data, source.name),
+                                               encoding="utf-8")
+            click.echo(f"{name}: written to {out / (name + '.yaml')}")
+        for note in result.notes:
+            click.echo(f"  - {note}")
+    click.echo(f"{written} written, {refused} refused")
+
+
 @providers.command("list")
 @config_option
 def providers_list(config_path: Path | None) -> None:
