@@ -822,3 +822,33 @@ def test_salesforce_login_host_refuses_other_hosts(tmp_path: Path, value: str) -
 
     with pytest.raises(InvalidInput):
         check_settings(load_oauth2(tmp_path, "salesforce"), {"login_host": value})
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_every_url_in_a_catalog_file_is_https(name: str) -> None:
+    raw = _raw(CATALOG / f"{name}.yaml")
+    urls = [s for s in _strings(raw) if re.match(r"^[a-z][a-z0-9+.-]*://", s)]
+    assert all(u.startswith("https://") for u in urls), [u for u in urls if "https://" not in u]
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_verify_requests_are_read_only(name: str) -> None:
+    verify = _raw(CATALOG / f"{name}.yaml").get("verify")
+    if verify:
+        assert verify.get("method", "GET") in ("GET", "HEAD"), f"{name}: verify must not write"
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_provider_file_lists_its_checked_pages(name: str) -> None:
+    text = (CATALOG / f"{name}.yaml").read_text(encoding="utf-8")
+    assert re.search(r"^# Checked: https://", text, re.M), f"{name}.yaml: no '# Checked:' page"
