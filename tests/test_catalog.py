@@ -7,8 +7,10 @@ requests go to an ``httpx.MockTransport`` in the test process.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
@@ -626,54 +628,14 @@ def test_every_oauth2_catalog_file_says_what_was_checked_about_its_issuer() -> N
 # way ctx.client and the proxy will render it, over example values, and must land on the host
 # the provider's docs give (each file's "Checked:" list names the page).
 
-API_HOSTS = {
-    "airtable": "api.airtable.com",
-    "anthropic": "api.anthropic.com",
-    "atlassian": "api.atlassian.com",
-    "confluence": "api.atlassian.com",
-    "dropbox": "api.dropboxapi.com",
-    "elevenlabs": "api.elevenlabs.io",
-    "freshdesk": "acme.freshdesk.com",
-    "github": "api.github.com",
-    "github-app": "api.github.com",
-    "google": "www.googleapis.com",
-    "google-service-account": "www.googleapis.com",
-    "groq": "api.groq.com",
-    "hubspot": "api.hubapi.com",
-    "jira": "api.atlassian.com",
-    "linear": "api.linear.app",
-    "mailchimp": "us6.api.mailchimp.com",
-    "mailgun": "api.eu.mailgun.net",
-    "microsoft": "graph.microsoft.com",
-    "mistral": "api.mistral.ai",
-    "notion": "api.notion.com",
-    "openai": "api.openai.com",
-    "openweathermap": "api.openweathermap.org",
-    "pinecone": "api.pinecone.io",
-    "quickbooks": "quickbooks.api.intuit.com",
-    "salesforce": "acme.my.salesforce.com",
-    "salesforce-jwt": "acme.my.salesforce.com",
-    "sendgrid": "api.sendgrid.com",
-    "serpapi": "serpapi.com",
-    "slack": "slack.com",
-    "spotify": "api.spotify.com",
-    "stripe": "api.stripe.com",
-    "trello": "api.trello.com",
-    "twilio": "api.twilio.com",
-    "zendesk": "acme.zendesk.com",
-    "zendesk-api-token": "acme.zendesk.com",
-}
-# Plausible values of kept extra fields and values learnt at connect that a base URL uses.
-CLOUD_ID = {"cloud_id": "1324a887-45db-1bf4-1e99-ef0ff456d421"}
-API_EXTRA_VALUES = {
-    "salesforce": {"instance_url": "https://acme.my.salesforce.com"},
-    "jira": CLOUD_ID,
-    "confluence": CLOUD_ID,
-    "mailchimp": {"dc": "us6"},
-    "salesforce-jwt": {"instance_url": "https://acme.my.salesforce.com"},
-    "github-app": {"installation_id": "42"},
-    "quickbooks": {"realm_id": "4620816365"},
-}
+# The host each file's api.base_url must render to, as its provider's docs give it, and
+# plausible values for what a base URL uses that no field or setting gives an example of
+# (values learnt at connect, kept extra fields): tests/catalog_hosts.json.
+CATALOG_HOSTS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "catalog_hosts.json").read_text(encoding="utf-8"))
+API_HOSTS = {name: entry["host"] for name, entry in CATALOG_HOSTS.items()}
+API_EXTRA_VALUES = {name: entry["values"] for name, entry in CATALOG_HOSTS.items()
+                    if entry.get("values")}
 
 
 def api_values(spec: ProviderBase) -> dict[str, str]:
