@@ -115,6 +115,17 @@ class ConnectValue(BaseModel):
         return text if re.fullmatch(self.pattern, text) else None
 
 
+def _filled(templates: Mapping[str, str], texts: Mapping[str, str]) -> dict[str, str]:
+    """The templates that can be filled from ``texts``, filled."""
+    filled: dict[str, str] = {}
+    for name, template in templates.items():
+        try:
+            filled[name] = template.format_map(texts)
+        except KeyError:
+            continue
+    return filled
+
+
 def shown(spec: ProviderBase, learnt: Mapping[str, str]) -> dict[str, str]:
     """What the connection list may show of the values learnt: the non-secret ones."""
     return {k: v for k, v in learnt.items() if not spec.connect_values[k].secret}
@@ -222,11 +233,10 @@ async def learn(
     learnt = from_callback(values, query or {}, label)
     auth = spec.api.auth if spec.api is not None and spec.api.auth else spec.default_auth()
     texts = {k: "" if v is None else str(v) for k, v in {**credential, **learnt}.items()}
-    try:
-        headers = {k: v.format_map(texts) for k, v in auth.headers.items()}
-        params = {k: v.format_map(texts) for k, v in auth.query.items()}
-    except KeyError:
-        raise ValueNotLearnt(f"{label}: the credential lacks a value its API needs.") from None
+    # A header or parameter naming a value still to be learnt (Xero-tenant-id:
+    # {tenant_id}) cannot go on the lookups that learn it: they go without it.
+    headers = _filled(auth.headers, texts)
+    params = _filled(auth.query, texts)
     return learnt | await look_up(
         values, auth_headers=headers, auth_query=params, credential=texts, label=label,
         transport=transport,

@@ -376,10 +376,13 @@ def test_oauth2_urls_are_https_and_templates_name_declared_settings(
 
 @pytest.mark.parametrize("name", OAUTH2_NAMES)
 def test_oauth2_settings_are_plain_patterned_values(tmp_path: Path, name: str) -> None:
+    from broker.catalog import template_names
+
     spec = load_oauth2(tmp_path, name)
+    in_urls = {n for url in spec.urls() for n in template_names(url)}
     for setting_name, field in spec.settings.items():
         assert not field.secret, f"{name}.{setting_name}: settings are not secret"
-        assert field.required or field.default, (
+        assert field.required or field.default or setting_name not in in_urls, (
             f"{name}.{setting_name}: an optional setting without a default cannot be rendered")
         assert field.pattern, f"{name}.{setting_name}: a URL setting needs a pattern"
         assert field.example and field.matches(field.example)

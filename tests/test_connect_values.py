@@ -123,7 +123,9 @@ async def test_an_api_key_connection_learns_by_lookup(
             "from": "lookup", "url": f"{apiserver.url}/key-header/sites",
             "path": "0.account.id", "pattern": "^[0-9]{1,12}$", "secret": True,
         }},
-        "api": {"base_url": f"{apiserver.url}/key-header/echo/{{account_id}}"},
+        # The account goes on every call, beside the key: not on the lookup that learns it.
+        "api": {"base_url": f"{apiserver.url}/key-header/echo/{{account_id}}",
+                "auth": {"headers": {"X-Api-Key": "{api_key}", "X-Account": "{account_id}"}}},
     }
     async with live_factory(extra_providers={"keyed": keyed}) as live:
         r = await live.service.post("/groups/g1/integrations/custom/keyed",
@@ -137,6 +139,7 @@ async def test_an_api_key_connection_learns_by_lookup(
         assert got == {"api_key": KEY, "account_id": "42"}
         r = await live.service.get("/groups/g1/integrations/keyed/proxy/me")
         assert r.json()["path"] == "/key-header/echo/42/me"
+        assert r.json()["headers"]["x-account"] == "42"
         r = await live.service.get("/groups/g1/integrations")
         hint = {i["name"]: i for i in r.json()["integrations"]}["keyed"]["hint"]
         assert "account_id" not in hint  # a secret value is not listed
