@@ -131,6 +131,10 @@ async def verify_credential(
     if spec.verify is None:
         return
     headers, params = spec.apply_to(data)
+    # The headers every call to the API needs (a version header) go on the check too.
+    static = spec.api.headers if spec.api is not None else {}
+    headers = {**{k: v for k, v in static.items() if k.lower() not in
+                  {h.lower() for h in headers}}, **headers}
     # Add the credential's query parameters to the verify URL's own (httpx's params=
     # would replace them).
     url = httpx.URL(spec.verify_url(data)).copy_merge_params(params)

@@ -206,6 +206,10 @@ async def test_verify_request_carries_the_credential_and_the_whole_url(
     assert request.method == spec.verify.method
     for key, value in headers.items():
         assert request.headers.get(key) == value
+    # The headers every call needs (a version header) go on the check too.
+    for key, value in (spec.api.headers if spec.api else {}).items():
+        if key.lower() not in {h.lower() for h in headers}:
+            assert request.headers.get(key) == value, (name, key)
     assert dict(request.url.params) == {**dict(parse_qsl(expected.query)), **query}
 
 
