@@ -692,3 +692,50 @@ async def test_a_connect_session_with_a_bad_allow_list_is_422_and_opens_nothing(
         assert (await db.execute(select(func.count()).select_from(ConnectSession))).scalar() == 0
     for ok in ({"group_id": "g1"}, {"group_id": "g1", "integrations": ["openweathermap"]}):
         assert (await http.post("/connect-sessions", json=ok)).status_code == 201
+
+
+async def test_readyz_says_ready_when_the_database_answers_and_the_schema_is_current(
+    api: Broker,
+) -> None:
+    async with app_client(api, headers={}) as anonymous:
+        r = await anonymous.get("/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+async def test_readyz_is_503_with_the_reason_when_the_schema_is_behind(
+    api: Broker,
+) -> None:
+    from sqlalchemy import text
+
+    async with api.database.write() as db:  # as if an older broker had made this database
+        await db.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    async with app_client(api, headers={}) as anonymous:
+        r = await anonymous.get("/readyz")
+        health = await anonymous.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "unavailable"
+    assert "migration(s) behind" in r.json()["reason"] and "broker db upgrade" in r.json()["reason"]
+    assert health.status_code == 200  # liveness is not readiness
+
+
+async def test_readyz_is_503_when_the_database_does_not_answer(
+    make_settings: Callable[..., Settings], tmp_path: Path,
+) -> None:
+    from tests.serve_support import free_port
+
+    settings = make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+    async with open_broker(settings) as broker:
+        # The database goes away under a running broker: point it at a server that is not
+        # there (a PostgreSQL port nobody listens on), as a lost database looks.
+        from broker.store.database import Database
+
+        real = broker.database
+        broker.database = Database(
+            f"postgresql+asyncpg://broker:secret-password@127.0.0.1:{free_port()}/nothing")
+        try:
+            async with app_client(broker, headers={}) as anonymous:
+                r = await anonymous.get("/readyz")
+        finally:
+            await broker.database.dispose()
+            broker.database = real
+    assert r.status_code == 503 and "does not answer" in r.json()["reason"]
+    assert "secret-password" not in r.text and "127.0.0.1" not in r.text

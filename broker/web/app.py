@@ -2,7 +2,8 @@
 
 Routes (S: service token; C: connect session for the group, as a bearer token; -: public):
 
-    -   GET  /healthz
+    -   GET  /healthz                                                liveness
+    -   GET  /readyz                                                 readiness (database, schema)
     -   GET  /openapi.json
     -   GET  /connect                                                the connect page
     -   GET  /oauth/start, POST /oauth/start                         the popup's start (popup)
@@ -26,6 +27,7 @@ Every error is JSON: ``{"error": {"code", "message", "field"?...}}`` with a stab
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,7 +71,9 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("broker.web")
 STATIC_DIR = Path(__file__).parent / "static"
-PUBLIC_PATHS = ["/healthz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect"]
+PUBLIC_PATHS = [
+    "/healthz", "/readyz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect",
+]
 PUBLIC_PREFIXES = ["/static/"]
 
 
@@ -106,7 +110,28 @@ def _describe(integration: Integration, group_id: str, status: Any) -> dict[str,
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness: the process answers (nothing else is asked)."""
     return JSONResponse({"status": "ok"})
+
+
+READY_TIMEOUT = 5.0
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: 200 when the database answers and its schema is current, else 503 with
+    the reason (never the database URL or the driver's message, which can hold it)."""
+    database = broker_of(request).database
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            pending = await database.pending_migrations()
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        reason = f"the database does not answer ({type(exc).__name__})"
+        return JSONResponse({"status": "unavailable", "reason": reason}, 503, headers=NO_STORE)
+    if pending:
+        reason = (f"the database schema is {len(pending)} migration(s) behind: run "
+                  "`broker db upgrade`")
+        return JSONResponse({"status": "unavailable", "reason": reason}, 503, headers=NO_STORE)
+    return JSONResponse({"status": "ready"}, headers=NO_STORE)
 
 
 async def openapi_json(request: Request) -> Response:
@@ -273,6 +298,7 @@ def create_app(
 
     routes = [
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/openapi.json", openapi_json),
         Route("/groups/{group_id}/integrations", list_integrations),
         Route("/groups/{group_id}/integrations/custom/{name}", trigger, methods=["POST"]),

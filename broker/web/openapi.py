@@ -102,6 +102,14 @@ def openapi(public_url: str) -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"})},
                 }
             },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: the database answers and its schema is current",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}),
+                                  "503": _json({"type": "object"})},
+                }
+            },
             "/connect-sessions": {
                 "post": {
                     "summary": "Open a connect session for one group",

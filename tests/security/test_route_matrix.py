@@ -28,7 +28,10 @@ from tests.security import security_support as sec
 sec_broker = sec.sec_broker
 
 # Reached without any token (the middleware's own list says the same; checked below).
-PUBLIC = {"/healthz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect", "/static"}
+PUBLIC = {
+    "/healthz", "/readyz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect",
+    "/static",
+}
 
 AUTHORIZE = "/groups/{group_id}/integrations/{name}/authorize"
 PROXY = "/groups/{group_id}/integrations/{name}/proxy/{path:path}"
