@@ -14,6 +14,7 @@ resolved against the directory of the config file, so ``broker serve --config
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -138,6 +139,34 @@ class ProxySettings(_Model):
     """Connections to providers' APIs at once, all providers together."""
 
 
+class MetricsSettings(_Model):
+    """``GET /metrics`` (Prometheus text format; see ``broker.metrics``)."""
+
+    enabled: bool = False
+    token: SecretStr | None = None
+    """When set, scrapes must send ``Authorization: Bearer <token>`` (and ``allow`` is not
+    consulted)."""
+    allow: list[str] = ["127.0.0.1/32", "::1/128"]
+    """Without a token: the client addresses (networks) that may scrape."""
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"metrics.allow: {item!r} is not an address or network") from None
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("metrics.token must be at least 16 characters")
+        return value
+
+
 class EventsSettings(_Model):
     """How long events are kept, and how much the sweep prunes at a time (``retention``)."""
 
@@ -172,6 +201,7 @@ class RawSettings(_Model):
     server: ServerSettings = ServerSettings()
     events: EventsSettings = EventsSettings()
     proxy: ProxySettings = ProxySettings()
+    metrics: MetricsSettings = MetricsSettings()
     webhooks: list[WebhookSettings] = []
     providers: dict[str, dict[str, Any] | None] = {}
     catalog_paths: list[Path] = []

@@ -138,7 +138,9 @@ class Credentials:
     ) -> dict[str, Any]:
         """What a node gets (see the module doc). ``use_cache=False`` always reads the row."""
         key = integration.key
+        reads = self.broker.metrics.credential_reads
         if not use_cache or force_refresh:
+            reads.labels("store").inc()
             auth_type, data = await self._load(
                 group_id, integration, force=force_refresh, use_cache=use_cache
             )
@@ -146,16 +148,20 @@ class Credentials:
         entry = self.cache.get((group_id, key))
         if entry is not None:
             if not _renewed(entry.auth_type):
+                reads.labels("cache").inc()
                 return _view(entry.auth_type, entry.data)
             if entry.status == "reauth_required":
                 raise IntegrationNeedsReauth(key, integration.name)
             if not self._stale(entry.data):
+                reads.labels("cache").inc()
                 return _view(entry.auth_type, entry.data)
+            reads.labels("store").inc()
             # Cached but due: straight to the refresh, which reads the row under its lease.
             return _view(
                 entry.auth_type,
                 await self.refresh(group_id, integration, seen_version=entry.version),
             )
+        reads.labels("store").inc()
         flight = (group_id, key)
         started = self._loads.started(flight)
         if started is None:
@@ -448,10 +454,15 @@ class Credentials:
         # The provider's clock for ``expires_in`` starts before its answer reaches us:
         # count from the request, so a slow answer never makes a token look longer-lived.
         requested_at = broker.now()
+        clock = time.perf_counter()
+        metrics = broker.metrics
         try:
             response = await self._token_request(integration, old)
         except TokenEndpointError as exc:
+            metrics.refresh_seconds.labels(key).observe(time.perf_counter() - clock)
+            metrics.refreshes.labels(key, str(exc.outcome)).inc()
             return await self._failed(group_id, integration, row, old, exc)
+        metrics.refresh_seconds.labels(key).observe(time.perf_counter() - clock)
         spec = integration.provider
         assert spec is not None
         auth = kind(spec.auth_type)
@@ -483,6 +494,7 @@ class Credentials:
         while True:
             try:
                 stored = await self.writer.store(refreshed)
+                metrics.refreshes.labels(key, refreshed.kind).inc()
                 if stored:
                     # The provider works again: log its next operator error afresh.
                     self._operator_errors_logged.discard(key)

@@ -32,6 +32,7 @@ from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
 from .errors import EncryptionKeyError, SchemaOutOfDate
 from .integrations import Group, Registry, default_registry
+from .metrics import Metrics
 from .oauth import client
 from .plugins import load_plugins
 from .providers import integration_for
@@ -64,6 +65,7 @@ class Broker:
         self.repository = Repository(
             keyring, clock=lambda: self.clock(), webhooks=settings.webhooks
         )
+        self.metrics = Metrics()
         self.tokens = Credentials(self)
         self.revocations = Revocations(self)
         # One keep-alive connection pool for every token request (see oauth.client).

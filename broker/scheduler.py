@@ -177,6 +177,7 @@ async def prune_expired(broker: Broker, result: SweepResult) -> None:
     logged, not raised: the refreshes are done, and the next sweep prunes instead."""
     try:
         result.pruned = await prune(broker)
+        broker.metrics.events_pruned.inc(result.pruned.events)
         result.pruned_flows, result.pruned_sessions = await prune_flows_and_sessions(broker)
     except (DBAPIError, OSError) as exc:
         log.warning("pruning failed (%s); the next sweep tries again", type(exc).__name__)

@@ -174,6 +174,9 @@ async def deliver_due(
                     error = "timeout"
             attempts += 1
             values: dict[str, Any]
+            outcome = "delivered" if error is None else (
+                "failed" if attempts >= MAX_ATTEMPTS or secret is None else "retry")
+            broker.metrics.webhook_deliveries.labels(outcome).inc()
             if error is None:
                 delivered += 1
                 values = {"status": "delivered", "next_attempt_at": None, "last_error": None}

@@ -4,6 +4,7 @@ Routes (S: service token; C: connect session for the group, as a bearer token; -
 
     -   GET  /healthz                                                liveness
     -   GET  /readyz                                                 readiness (database, schema)
+    -   GET  /metrics               Prometheus (metrics.enabled; metrics.token or metrics.allow)
     -   GET  /openapi.json
     -   GET  /connect                                                the connect page
     -   GET  /oauth/start, POST /oauth/start                         the popup's start (popup)
@@ -55,6 +56,7 @@ from .auth import ServiceTokenMiddleware, TokenSet, principal, require_service
 from .bodies import read_json_object, replay
 from .connect import connect_page, create_connect_session, current_session
 from .context import NO_STORE, broker_of, group_id_of, integration_of, targets
+from .metrics import metrics
 from .openapi import openapi
 from .pages import result_page
 from .popup import (
@@ -72,7 +74,8 @@ __all__ = ["create_app"]
 log = logging.getLogger("broker.web")
 STATIC_DIR = Path(__file__).parent / "static"
 PUBLIC_PATHS = [
-    "/healthz", "/readyz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect",
+    "/healthz", "/readyz", "/metrics", "/openapi.json", "/oauth/callback", "/oauth/start",
+    "/connect",
 ]
 PUBLIC_PREFIXES = ["/static/"]
 
@@ -299,6 +302,7 @@ def create_app(
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         Route("/openapi.json", openapi_json),
         Route("/groups/{group_id}/integrations", list_integrations),
         Route("/groups/{group_id}/integrations/custom/{name}", trigger, methods=["POST"]),

@@ -27,6 +27,7 @@ gets the integration, the provider's status and the refreshes the call forced.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -180,13 +181,24 @@ def _upstream_path(request: Request) -> str:
 
 async def proxy(request: Request) -> Response:
     """The route (see the module docstring)."""
+    started = time.perf_counter()
     try:
-        return await _proxy(request)
+        response = await _proxy(request)
+        status = str(response.status_code)
     except HTTPError as exc:
-        return JSONResponse(
+        status = exc.code
+        response = JSONResponse(
             exc.to_dict(), status_code=exc.status_code,
             headers={**NO_STORE, PROXY_ERROR_HEADER: exc.code},
         )
+    # Labelled only with an integration the route resolved (a name from the URL that is
+    # not one is never a label).
+    info = request.scope.get("state", {}).get(LOG_KEY) or {}
+    name = str(info.get("integration", "-"))
+    metrics = broker_of(request).metrics
+    metrics.proxy_requests.labels(name, status).inc()
+    metrics.proxy_seconds.labels(name).observe(time.perf_counter() - started)
+    return response
 
 
 async def _proxy(request: Request) -> Response:

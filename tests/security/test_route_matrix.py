@@ -29,7 +29,8 @@ sec_broker = sec.sec_broker
 
 # Reached without any token (the middleware's own list says the same; checked below).
 PUBLIC = {
-    "/healthz", "/readyz", "/openapi.json", "/oauth/callback", "/oauth/start", "/connect",
+    "/healthz", "/readyz", "/metrics", "/openapi.json", "/oauth/callback", "/oauth/start",
+    "/connect",
     "/static",
 }
 
