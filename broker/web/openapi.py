@@ -110,6 +110,16 @@ def openapi(public_url: str) -> dict[str, Any]:
                                   "503": _json({"type": "object"})},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (metrics.enabled; metrics.token or "
+                               "metrics.allow)",
+                    "security": [],
+                    "responses": {"200": {"description": "text/plain exposition"},
+                                  "403": {"description": "not allowed to scrape"},
+                                  "404": {"description": "metrics are off"}},
+                }
+            },
             "/connect-sessions": {
                 "post": {
                     "summary": "Open a connect session for one group",
