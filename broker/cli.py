@@ -255,6 +255,109 @@ def keys_rotate(config_path: Path | None, batch_size: int) -> None:
 
 
 @main.group()
+def connections() -> None:
+    """Connections: list them (never a secret)."""
+
+
+@connections.command("list")
+@config_option
+@click.option("--group", "group_id", default=None, help="Only this group.")
+@click.option("--provider", "integration", default=None, help="Only this integration.")
+@click.option("--status", default=None,
+              help="Only this status (connected, reauth_required, unavailable, corrupt...).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines for scripts.")
+def connections_list(
+    config_path: Path | None, group_id: str | None, integration: str | None,
+    status: str | None, as_json: bool,
+) -> None:
+    """Every stored connection: group, integration, auth type, status, expiry, next
+    refresh, failures and the last error (the error is the broker's own text, never a
+    credential)."""
+    import json
+
+    from sqlalchemy import select
+
+    from .store.models import Connection
+
+    settings = _settings(config_path)
+
+    async def go(broker: Broker) -> list[dict[str, Any]]:
+        query = select(
+            Connection.group_id, Connection.integration, Connection.auth_type,
+            Connection.status, Connection.expires_at, Connection.next_refresh_at,
+            Connection.failure_count, Connection.last_error,
+        ).order_by(Connection.group_id, Connection.integration)
+        if group_id is not None:
+            query = query.where(Connection.group_id == group_id)
+        if integration is not None:
+            query = query.where(Connection.integration == integration)
+        if status is not None:
+            query = query.where(Connection.status == status)
+        async with broker.session() as db:
+            rows = (await db.execute(query)).all()
+        return [
+            {"group": r[0], "integration": r[1], "auth_type": r[2], "status": r[3],
+             "expires_at": r[4].isoformat() if r[4] else None,
+             "next_refresh_at": r[5].isoformat() if r[5] else None,
+             "failures": r[6], "last_error": r[7]}
+            for r in rows
+        ]
+
+    found = _run(_with_broker(settings, go))
+    if as_json:
+        for item in found:
+            click.echo(json.dumps(item))
+        return
+    columns = ("group", "integration", "auth_type", "status", "expires_at",
+               "next_refresh_at", "failures", "last_error")
+    table = [[str(item[c] if item[c] is not None else "-") for c in columns] for item in found]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    click.echo(f"{len(found)} connection(s)")
+
+
+@main.command("connect-link")
+@config_option
+@click.argument("group_id")
+@click.option("--integration", "integrations", multiple=True,
+              help="Limit the page to this integration (repeatable).")
+@click.option("--display-name", default=None, help="The workspace name the page shows.")
+def connect_link(
+    config_path: Path | None, group_id: str, integrations: tuple[str, ...],
+    display_name: str | None,
+) -> None:
+    """Create a connect session for GROUP_ID and print the connect page's URL (the quickest
+    way to see the page). The URL carries the session token: hand it only to that group's
+    user."""
+    import re as _re
+    from datetime import timedelta
+
+    from .integrations import GROUP_ID_PATTERN
+    from .sessions import create_session
+
+    if not _re.fullmatch(GROUP_ID_PATTERN, group_id):
+        raise click.BadParameter("not a group id", param_hint="GROUP_ID")
+    settings = _settings(config_path)
+
+    async def go(broker: Broker) -> str:
+        for name in integrations:
+            if name not in broker.registry:
+                raise click.BadParameter(f"no integration named {name!r}",
+                                         param_hint="--integration")
+        ttl = timedelta(seconds=settings.auth.connect_session_ttl_seconds)
+        async with broker.session() as db, db.begin():
+            token, _ = await create_session(
+                db, group_id=group_id, integrations=list(integrations) or None,
+                now=broker.now(), ttl=ttl, display_name=display_name,
+            )
+        return f"{settings.public_url}/connect#session={token}"
+
+    click.echo(_run(_with_broker(settings, go)))
+
+
+@main.group()
 def providers() -> None:
     """The provider catalog."""
 
