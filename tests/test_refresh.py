@@ -113,3 +113,18 @@ async def test_revoked_grant_marks_reauth_required_and_reconnect_clears_it(
         assert me.status_code == 200
         kinds = [e["kind"] for e in (await live.service.get("/groups/g1/events")).json()["events"]]
         assert kinds[:2] == ["recovered", "reauth_required"]
+
+
+async def test_a_slow_code_exchange_never_makes_a_token_look_longer_lived(
+    live_factory: Callable[..., Any],
+) -> None:
+    """The provider issues the token, then its answer takes 2 s to arrive: the broker
+    counts expires_in from its request, not from the answer, so its expiry is never later
+    than the provider's (the same rule as refreshes)."""
+    from tests.refresh_support import real_expiry
+
+    async with live_factory() as live:
+        live.server.timeout_next(1, seconds=2, process=True, grant_type="authorization_code")
+        stored = await connected(live)
+        real = real_expiry(live.server, stored["access_token"])
+        assert real is not None and stored["expires_at"] <= real

@@ -255,13 +255,14 @@ class AppInstallationKind(TokenKind):
             raise FlowFailed(f"{exc.message} Start again.", integration=name) from None
         if spec.ownership is not None:
             await _check_ownership(broker, spec, params, values, transport)
+        requested_at = broker.now()  # expiry counted from the request (see oauth2.py)
         try:
             answer = await post_for_token(
-                spec.token_request(values, broker.now()), transport=transport,
+                spec.token_request(values, requested_at), transport=transport,
                 timeout_seconds=spec.timeout_seconds, label=f"{label} installation token",
                 classify=classify,
             )
-            token = spec.read(answer, now=broker.now(), old={})
+            token = spec.read(answer, now=requested_at, old={})
         except InvalidInput as exc:
             raise FlowFailed(exc.message, integration=name, status_code=500) from None
         except TokenEndpointError as exc:

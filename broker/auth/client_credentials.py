@@ -89,6 +89,7 @@ def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
             "audience": data.get("audience"),
         }
         broker = db.info["broker"]
+        now = broker.now()  # expiry counted from the request (see oauth2.py)
         try:
             response = await _request(broker, spec, creds)
         except TokenEndpointError as exc:
@@ -102,7 +103,6 @@ def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
                 f"{spec.display_name} did not accept these client credentials{reason}.",
                 field="client_secret",
             ) from None
-        now = broker.now()
         try:
             token = stored_token(
                 response, now=now, default_lifetime=spec.default_lifetime_seconds,

@@ -299,6 +299,7 @@ def _integration(spec: JwtBearerProvider) -> Integration:
         check_api_values(spec, public)
         broker = db.info["broker"]
         spec.assertion(data, broker.now())  # a key that cannot sign: 422, nothing sent
+        now = broker.now()  # expiry counted from the request (see oauth2.py)
         try:
             answer = await request_token(broker, spec, data)
         except TokenEndpointError as exc:
@@ -311,7 +312,6 @@ def _integration(spec: JwtBearerProvider) -> Integration:
                 f"{spec.display_name} did not accept this key{reason}. Check it and try "
                 "again.", field=spec.key_field(),
             ) from None
-        now = broker.now()
         try:
             token = spec.read(answer, now=now, old={"settings": public})
         except ValueError:

@@ -96,6 +96,9 @@ class OAuth2Kind(TokenKind):
         code = single(params, "code", name)
         if not code:
             raise FlowFailed(f"{label} did not return an authorization code.", integration=name)
+        # The provider's clock for expires_in starts before its answer reaches us: count
+        # from the request, so a slow answer never makes a token look longer-lived.
+        requested_at = broker.now()
         try:
             response = await client.exchange_code(
                 spec, code=code, code_verifier=flow.verifier,
@@ -110,7 +113,7 @@ class OAuth2Kind(TokenKind):
             ) from None
         try:
             return stored_token(
-                response, now=broker.now(), default_lifetime=spec.default_lifetime_seconds,
+                response, now=requested_at, default_lifetime=spec.default_lifetime_seconds,
                 token_path=spec.token_path, extra_fields=spec.extra_fields,
                 settings=flow.settings, expires=spec.expires,
             )

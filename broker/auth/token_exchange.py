@@ -199,6 +199,7 @@ def _integration(spec: TokenExchangeProvider) -> Integration:
         public = {k: v for k, v in data.items() if k in spec.public_fields()}
         check_api_values(spec, public)
         broker = db.info["broker"]
+        now = broker.now()  # expiry counted from the request (see oauth2.py)
         try:
             answer = await exchange(broker, spec, data)
         except TokenEndpointError as exc:
@@ -211,7 +212,6 @@ def _integration(spec: TokenExchangeProvider) -> Integration:
             raise ProviderUnreachable(
                 f"{spec.display_name} could not issue a token right now. Try again later."
             ) from None
-        now = broker.now()
         try:
             token = spec.read(answer, now=now, old={"settings": public})
         except ValueError:
