@@ -84,9 +84,13 @@ def presented(server: AuthServer, refresh_token: str) -> list[float]:
 
 
 async def in_flight_of(live: Live, pid: int) -> int:
-    """Refreshes of process ``pid`` the provider is working on now."""
+    """Refreshes of process ``pid`` the provider is working on now, received in the last
+    half of its delay: the provider is still at work on them when the caller acts (on a
+    loaded machine this poll itself can take a good part of the delay)."""
+    now = time.time()
     waiting = {r.params.get("refresh_token") for r in live.server.requests_seen("token")
-               if r.grant_type == "refresh_token" and r.status is None}
+               if r.grant_type == "refresh_token" and r.status is None
+               and now - r.at < DELAY / 2}
     return sum(h.refresh_token in waiting for h in (await held_by(live, pid)).values())
 
 
