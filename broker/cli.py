@@ -318,6 +318,104 @@ def connections_list(
     click.echo(f"{len(found)} connection(s)")
 
 
+def _one(broker: Broker, name: str) -> Any:
+    if name not in broker.registry:
+        raise click.BadParameter(f"no integration named {name!r}", param_hint="NAME")
+    return broker.registry.get(name)
+
+
+@connections.command("show")
+@config_option
+@click.argument("group_id")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def connections_show(config_path: Path | None, group_id: str, name: str, as_json: bool) -> None:
+    """One connection: status, auth type, expiry, next refresh, failures, last error, what
+    may be shown of it, and its recent events. Never a credential."""
+    import json
+
+    from sqlalchemy import select
+
+    from .events import list_events
+    from .store.models import Connection
+
+    settings = _settings(config_path)
+
+    async def go(broker: Broker) -> dict[str, Any] | None:
+        _one(broker, name)
+        async with broker.session() as db:
+            row = await db.scalar(select(Connection).where(
+                Connection.group_id == group_id, Connection.integration == name))
+            if row is None:
+                return None
+            events = [e for e in await list_events(db, group_id, limit=200)
+                      if e.get("integration") == name][:10]
+        return {
+            "group": group_id, "integration": name, "auth_type": row.auth_type,
+            "status": row.status, "hint": row.hint or {},
+            "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+            "next_refresh_at": row.next_refresh_at.isoformat() if row.next_refresh_at else None,
+            "failures": row.failure_count, "last_error": row.last_error,
+            "updated_at": row.updated_at.isoformat(), "events": events,
+        }
+
+    found = _run(_with_broker(settings, go))
+    if found is None:
+        click.echo(f"broker: {group_id} has no connection to {name}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(found, default=str))
+        return
+    for key, value in found.items():
+        if key == "events":
+            click.echo("events:")
+            for event in value:
+                click.echo(f"  {event.get('at')}  {event.get('kind')}  "
+                           f"{json.dumps(event.get('detail') or {}, default=str)}")
+        else:
+            shown = json.dumps(value, default=str) if isinstance(value, dict) else value
+            click.echo(f"{key}: {shown}")
+
+
+@connections.command("refresh")
+@config_option
+@click.argument("group_id")
+@click.argument("name")
+def connections_refresh(config_path: Path | None, group_id: str, name: str) -> None:
+    """Renew one connection's token now (the same single-flight refresh nodes share)."""
+    settings = _settings(config_path)
+
+    async def go(broker: Broker) -> Any:
+        _one(broker, name)
+        view = await broker.credentials(group_id, name, force_refresh=True)
+        return view.get("expires_at")
+
+    expires_at = _run(_with_broker(settings, go))
+    click.echo(f"{group_id}/{name}: refreshed; expires at {expires_at or 'never'}")
+
+
+@connections.command("disconnect")
+@config_option
+@click.argument("group_id")
+@click.argument("name")
+def connections_disconnect(config_path: Path | None, group_id: str, name: str) -> None:
+    """Remove one connection, as the disconnect route does (revoked at the provider when it
+    can be, after the removal commits)."""
+    from .integrations import Group
+
+    settings = _settings(config_path)
+
+    async def go(broker: Broker) -> bool:
+        integration = _one(broker, name)
+        async with broker.session() as db, db.begin():
+            existed = await broker.repository.exists(db, group_id, name)
+            await integration.delete_integration(db, Group(group_id), None)
+        return bool(existed)
+
+    existed = _run(_with_broker(settings, go))
+    click.echo(f"{group_id}/{name}: " + ("disconnected" if existed else "was not connected"))
+
+
 @main.command("connect-link")
 @config_option
 @click.argument("group_id")

@@ -10,10 +10,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from broker.config import Settings
 from broker.runtime import Broker
 from broker.sessions import find_session
+from tests import oauth_support
+
+live_factory = oauth_support.live_factory
 
 
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,3 +83,41 @@ async def test_connections_list_and_connect_link(
     assert grant.integrations == ["openweathermap"] and grant.display_name == "Team One"
     refused = run(tmp_path, "connect-link", "g1", "--integration", "nope")
     assert refused.returncode != 0 and "no integration named" in refused.stderr
+
+
+async def test_show_refresh_and_disconnect_one_connection(
+    live_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """On a real OAuth2 connection (the test authorization server): show it, refresh it
+    (a new token at the provider), disconnect it (revoked there); no token is printed."""
+    from tests.test_refresh import connected
+
+    async with live_factory() as live:
+        stored = await connected(live)
+        config = live.broker.settings.source
+        assert config is not None
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            env = {k: v for k, v in os.environ.items() if k != "BROKER_CONFIG"}
+            return subprocess.run([sys.executable, "-m", "broker", *args, "--config",
+                                   str(config)], cwd=tmp_path, env=env, capture_output=True,
+                                  text=True, timeout=60, check=False)
+
+        shown = cli("connections", "show", "g1", "acme", "--json")
+        assert shown.returncode == 0, shown.stderr
+        data = json.loads(shown.stdout)
+        assert (data["status"], data["auth_type"]) == ("connected", "oauth2")
+        assert data["expires_at"] and data["events"][0]["kind"] == "connected"
+        before = live.server.token_requests["refresh_token"]
+        refreshed = cli("connections", "refresh", "g1", "acme")
+        assert refreshed.returncode == 0, refreshed.stderr
+        assert "refreshed; expires at" in refreshed.stdout
+        assert live.server.token_requests["refresh_token"] == before + 1
+        gone = cli("connections", "disconnect", "g1", "acme")
+        assert gone.returncode == 0 and "disconnected" in gone.stdout, gone.stderr
+        assert live.server.requests_seen("revoke"), "revoked at the provider"
+        again = cli("connections", "show", "g1", "acme")
+        assert again.returncode == 1 and "has no connection" in again.stderr
+        everything = shown.stdout + refreshed.stdout + gone.stdout + shown.stderr
+        assert stored["access_token"] not in everything
+        assert stored["refresh_token"] not in everything
