@@ -39,6 +39,7 @@ __all__ = [
     "check_api_values",
     "check_fields",
     "integration_for",
+    "popup_integration",
     "read_fields",
     "verify_credential",
 ]
@@ -233,6 +234,22 @@ def base_integration(
         delete_integration=remove,
         slug=name,
         provider=spec,
+    )
+
+
+def popup_integration(spec: ProviderBase) -> Integration:
+    """A provider connected through the sign-in popup (a ticket from its trigger route),
+    not by posting fields to it."""
+
+    async def complete(db: AsyncSession, group: Any, request: Any) -> Any:
+        raise InvalidInput(
+            f"{spec.display_name} is connected through its sign-in popup: ask for a ticket "
+            f"with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
+            field="name",
+        )
+
+    return base_integration(
+        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
     )
 
 

@@ -39,8 +39,6 @@ from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.requests import Request
 
 from ..catalog import FieldSpec, PopupProvider, ProviderBase
 from ..connectvalues import ValueNotLearnt, from_callback
@@ -51,7 +49,7 @@ from ..oauth.flows import Flow
 from ..oauth.service import FlowFailed, single
 from ..oauth.tokenpost import post_for_token
 from ..oauth.tokens import NODE_KEYS, dig, stored_token
-from ..providers import base_integration
+from ..providers import popup_integration
 from ..urltemplates import check_template, template_names
 from .base import TokenKind
 from .keys import signing_key
@@ -232,7 +230,7 @@ class AppInstallationKind(TokenKind):
 
     def integration(self, spec: ProviderBase) -> Integration:
         assert isinstance(spec, AppInstallationProvider)
-        return _integration(spec)
+        return popup_integration(spec)
 
     async def begin(self, broker: Broker, spec: ProviderBase, flow: Flow) -> str:
         assert isinstance(spec, AppInstallationProvider)
@@ -346,21 +344,6 @@ async def _check_ownership(
     ids = {str(item.get(own.id_member)) for item in found or [] if isinstance(item, Mapping)}
     if not isinstance(found, list) or values.get(own.value) not in ids:
         raise refused
-
-
-def _integration(spec: AppInstallationProvider) -> Integration:
-    """Connected through the popup (a ticket from the trigger route), like OAuth2."""
-
-    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        raise InvalidInput(
-            f"{spec.display_name} is connected by installing its app in the sign-in popup: "
-            f"ask for a ticket with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
-            field="name",
-        )
-
-    return base_integration(
-        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
-    )
 
 
 KIND = AppInstallationKind()

@@ -39,18 +39,15 @@ from authlib.oauth1 import ClientAuth
 from authlib.oauth1.rfc5849.signature import generate_signature_base_string
 from authlib.oauth1.rfc5849.util import escape
 from pydantic import Field, SecretStr, model_validator
-from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.requests import Request
 
 from ..apispec import Apply
 from ..catalog import PopupProvider, ProviderBase
-from ..errors import InvalidInput
 from ..integrations import Integration
 from ..oauth.client import Borrowed
 from ..oauth.flows import Flow, remember
 from ..oauth.service import FlowFailed, single
 from ..oauth.tokens import dig
-from ..providers import base_integration
+from ..providers import popup_integration
 from ..urltemplates import check_template
 from .base import AuthKind
 
@@ -156,7 +153,7 @@ class OAuth1Kind(AuthKind):
 
     def integration(self, spec: ProviderBase) -> Integration:
         assert isinstance(spec, OAuth1Provider)
-        return _integration(spec)
+        return popup_integration(spec)
 
     def node_view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         view: dict[str, Any] = {"access_token": stored.get("access_token"), NODE_NOTE: True}
@@ -257,19 +254,6 @@ async def _token_request(
             raise failed from None
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
     return dict(parse_qsl(text, keep_blank_values=True))
-
-
-def _integration(spec: OAuth1Provider) -> Integration:
-    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        raise InvalidInput(
-            f"{spec.display_name} is connected through its sign-in popup: ask for a ticket "
-            f"with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
-            field="name",
-        )
-
-    return base_integration(
-        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
-    )
 
 
 KIND = OAuth1Kind()

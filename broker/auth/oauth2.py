@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.requests import Request
 
 from ..catalog import OAuth2Provider, ProviderBase
 from ..errors import InvalidInput, TokenEndpointError
@@ -28,7 +26,7 @@ from ..oauth.flows import Flow
 from ..oauth.issuer import check_issuer
 from ..oauth.service import FlowFailed, single
 from ..oauth.tokens import stored_token
-from ..providers import base_integration
+from ..providers import popup_integration
 from .base import TokenKind
 
 if TYPE_CHECKING:
@@ -50,7 +48,7 @@ class OAuth2Kind(TokenKind):
 
     def integration(self, spec: ProviderBase) -> Integration:
         assert isinstance(spec, OAuth2Provider)
-        return _integration(spec)
+        return popup_integration(spec)
 
     async def renew(
         self, broker: Broker, spec: ProviderBase, stored: Mapping[str, Any]
@@ -201,22 +199,6 @@ def authorization_url(
         **params,
     )
     return uri
-
-
-def _integration(spec: OAuth2Provider) -> Integration:
-    """Connected through the sign-in popup (a ticket from its trigger route), not by
-    posting fields."""
-
-    async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
-        raise InvalidInput(
-            f"{spec.display_name} is connected through its sign-in popup: ask for a ticket "
-            f"with POST /groups/{{group_id}}/integrations/{spec.name}/authorize",
-            field="name",
-        )
-
-    return base_integration(
-        spec, complete, trigger=f"/groups/{{group_id}}/integrations/{spec.name}/authorize"
-    )
 
 
 KIND = OAuth2Kind()
