@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -207,6 +207,9 @@ class RawSettings(_Model):
     catalog_paths: list[Path] = []
     plugins: list[str] = []
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+    log_format: Literal["text", "json"] = "text"
+    """``text``: one line per record for people; ``json``: one JSON object per line, with
+    the record's fields (event, group, integration, provider, outcome, duration_ms)."""
 
     @field_validator("database_url")
     @classmethod

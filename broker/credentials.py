@@ -63,6 +63,7 @@ from .errors import (
 from .events import record
 from .flights import Flights
 from .integrations import Integration
+from .logs import fields
 from .oauth.decisions import Outcome
 from .refresh import (
     backoff,
@@ -254,7 +255,7 @@ class Credentials:
         log.error(
             "stored credential of connection %s/%s does not decrypt or belongs to another "
             "connection: check encryption_keys; the user must reconnect if the data is lost",
-            group_id, key,
+            group_id, key, extra=fields(event="corrupt", group=group_id, integration=key),
         )
         async with self.broker.session() as db, db.begin():
             result = await db.execute(
@@ -450,6 +451,7 @@ class Credentials:
                 "refresh of %s/%s: taking it over from %s, whose lease ran out unreleased "
                 "(it stopped mid-refresh); asking the provider again with the same refresh "
                 "token", group_id, key, taken_from,
+                extra=fields(event="refresh_takeover", group=group_id, integration=key),
             )
         # The provider's clock for ``expires_in`` starts before its answer reaches us:
         # count from the request, so a slow answer never makes a token look longer-lived.
@@ -461,8 +463,11 @@ class Credentials:
         except TokenEndpointError as exc:
             metrics.refresh_seconds.labels(key).observe(time.perf_counter() - clock)
             metrics.refreshes.labels(key, str(exc.outcome)).inc()
-            return await self._failed(group_id, integration, row, old, exc)
-        metrics.refresh_seconds.labels(key).observe(time.perf_counter() - clock)
+            return await self._failed(
+                group_id, integration, row, old, exc, took=time.perf_counter() - clock
+            )
+        took = time.perf_counter() - clock
+        metrics.refresh_seconds.labels(key).observe(took)
         spec = integration.provider
         assert spec is not None
         auth = kind(spec.auth_type)
@@ -474,7 +479,7 @@ class Credentials:
                 f"{spec.display_name}: {exc}", error=None, status=200, retry_after=None,
                 outcome=Outcome.transient,
             )
-            return await self._failed(group_id, integration, row, old, failure)
+            return await self._failed(group_id, integration, row, old, failure, took=took)
         auth.carry(old, token)
         expires_at = expiry(token)
         # The provider has answered, and may have retired the old refresh token: an answer
@@ -495,6 +500,11 @@ class Credentials:
             try:
                 stored = await self.writer.store(refreshed)
                 metrics.refreshes.labels(key, refreshed.kind).inc()
+                log.info(
+                    "%s %s/%s in %.0f ms", refreshed.kind, group_id, key, took * 1000,
+                    extra=fields(event="refresh", group=group_id, integration=key,
+                                 provider=spec.name, outcome=refreshed.kind, duration=took),
+                )
                 if stored:
                     # The provider works again: log its next operator error afresh.
                     self._operator_errors_logged.discard(key)
@@ -504,6 +514,8 @@ class Credentials:
                     log.error(
                         "could not store the refreshed token of %s/%s (%s): the database "
                         "kept failing for the whole lease", group_id, key, type(exc).__name__,
+                        extra=fields(event="refresh", group=group_id, integration=key,
+                                     provider=spec.name, outcome="store_failed"),
                     )
                     raise
                 log.warning(
@@ -540,11 +552,14 @@ class Credentials:
         row: Connection,
         old: dict[str, Any],
         exc: TokenEndpointError,
+        *,
+        took: float | None = None,
     ) -> Renewal:
         broker = self.broker
         key = integration.key
         now = broker.now()
         error = exc.error or (f"http_{exc.status}" if exc.status else "no_response")
+        provider_name = integration.provider.name if integration.provider else None
         outcome = exc.outcome
         if integration.provider is not None:
             # What the outcome means is the auth type's (client credentials are the user's).
@@ -561,6 +576,8 @@ class Credentials:
             log.warning(
                 "connection %s/%s needs reauth: %s%s", group_id, key, exc,
                 f" ({reason})" if reason else "",
+                extra=fields(event="refresh", group=group_id, integration=key,
+                             provider=provider_name, outcome="reauth_required", duration=took),
             )
             detail = {"error": error} if reason is None else {"error": error, "reason": reason}
             async with broker.session() as db, db.begin():
@@ -586,9 +603,16 @@ class Credentials:
                     "provider %s rejects the broker's client credentials (%s): check its "
                     "client_id and client_secret in config.yaml; refreshes will be retried",
                     provider, error,
+                    extra=fields(event="refresh", group=group_id, integration=key,
+                                 provider=provider_name, outcome="operator_error",
+                                 duration=took),
                 )
         else:
-            log.warning("refresh of %s/%s failed (%s): %s", group_id, key, exc.outcome, exc)
+            log.warning(
+                "refresh of %s/%s failed (%s): %s", group_id, key, exc.outcome, exc,
+                extra=fields(event="refresh", group=group_id, integration=key,
+                             provider=provider_name, outcome=str(exc.outcome), duration=took),
+            )
         failures = row.failure_count + 1
         delay = backoff(failures, retry_after=exc.retry_after)
         async with broker.session() as db, db.begin():

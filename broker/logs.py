@@ -12,8 +12,8 @@ No secret reaches it, at any level:
   logs each request and response at DEBUG; SQLAlchemy logs statements with their
   parameters and the rows read (ciphertext, hashes); aiosqlite logs every statement with
   its parameters at DEBUG; Authlib logs issued tokens (server side) at DEBUG. Their
-  warnings and errors still show. APScheduler is left as it is: its lines name the sweep
-  job and its times, nothing else ("Running job" at INFO is the sweep's heartbeat).
+  warnings and errors still show. APScheduler is held back too, for noise, not secrets:
+  two INFO lines for every sweep.
 - The engine is created with ``hide_parameters=True`` (``broker.store.database``): with
   SQLAlchemy's logger turned up, or in a database error's message, no parameters.
 - Where the broker logs a URL itself, it logs ``redact_url(url)``: no userinfo, no query
@@ -24,6 +24,13 @@ No request can forge a line: every record's message has its control characters e
 indents the lines that follow a record's first (a traceback), so every line that starts at
 column 0 starts a record. Values from a request are also escaped where they are logged
 (the access log), which keeps them safe under a host application's own logging config.
+
+Two formats (``log_format``): ``text`` for people, and ``json`` — one JSON object per line
+(python-json-logger), with ``time``, ``level``, ``logger``, ``message`` and the record's
+fields. The broker's own lines name what they are about with ``fields(...)``: ``event``
+(``refresh``, ``connect``, ``request``, ``sweep``...), ``group``, ``integration``,
+``provider``, ``outcome``, ``duration_ms`` and a few more; ``FIELDS`` lists every name.
+No field ever holds a secret: they are names, ids, outcomes and figures.
 """
 
 from __future__ import annotations
@@ -31,25 +38,38 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from pythonjsonlogger.json import JsonFormatter
 
 if TYPE_CHECKING:
     from .config import Settings
 
 __all__ = [
+    "FIELDS",
     "FORMAT",
     "QUIET",
     "EscapeControl",
+    "JsonLineFormatter",
     "TextFormatter",
     "configure_logging",
     "escape_control",
+    "fields",
     "redact_url",
 ]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-QUIET = ("httpx", "httpcore", "sqlalchemy", "aiosqlite", "authlib")
-"""Library loggers held at WARNING (or ``log_level``, if higher)."""
+QUIET = ("httpx", "httpcore", "sqlalchemy", "aiosqlite", "authlib", "apscheduler")
+"""Library loggers held at WARNING (or ``log_level``, if higher). APScheduler logs two
+lines at INFO for every sweep ("Running job", "executed successfully"): the broker's own
+sweep line says what a sweep did, and only when it did something."""
+
+FIELDS = (
+    "event", "group", "integration", "provider", "outcome", "duration_ms", "status",
+    "method", "path", "client", "upstream_status", "refreshes", "count",
+)
+"""The names ``fields`` takes: what a JSON line may carry beside its message."""
 
 REDACTED = "***"
 
@@ -97,6 +117,22 @@ def redact_url(url: str) -> str:
     return out
 
 
+def fields(**values: Any) -> dict[str, Any]:
+    """``extra=`` for a log call: the named ``FIELDS`` that are not None (a duration in
+    seconds is given as ``duration=`` and logged as ``duration_ms``, rounded to 0.1 ms).
+    Strings have their control characters escaped."""
+    duration = values.pop("duration", None)
+    if duration is not None:
+        values["duration_ms"] = round(duration * 1000, 1)
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"not log fields: {sorted(unknown)}")
+    return {
+        name: escape_control(value) if isinstance(value, str) else value
+        for name, value in values.items() if value is not None
+    }
+
+
 class EscapeControl(logging.Filter):
     """Renders each record's message and escapes its control characters (``msg`` becomes
     the escaped text, ``args`` None), whatever format prints it next."""
@@ -126,10 +162,30 @@ class TextFormatter(logging.Formatter):
         return "\n".join([first, *(f"    {escape_control(line)}" for line in rest)])
 
 
+class JsonLineFormatter(JsonFormatter):
+    """One JSON object per record: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
+    ``message``, then the record's ``fields`` and ``exc_info`` (a traceback, as one string).
+    JSON escapes every control character, so a record is always one line."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ["asctime", "levelname", "name", "message"],
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            datefmt="%Y-%m-%dT%H:%M:%S%z",
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        from datetime import UTC, datetime
+
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def configure_logging(settings: Settings, *, stream: IO[str] | None = None) -> logging.Handler:
     """Log at ``settings.log_level`` to ``stream`` (stderr) through one root handler that
-    escapes control characters; hold the ``QUIET`` libraries at WARNING at least. A second
-    call replaces the handler the first one installed. Returns the handler."""
+    escapes control characters, in ``settings.log_format``; hold the ``QUIET`` libraries at
+    WARNING at least. A second call replaces the handler the first one installed. Returns
+    the handler."""
     level = logging.getLevelName(settings.log_level.upper())
     assert isinstance(level, int), settings.log_level
     root = logging.getLogger()
@@ -138,7 +194,8 @@ def configure_logging(settings: Settings, *, stream: IO[str] | None = None) -> l
         old.close()
     handler = _BrokerHandler(stream or sys.stderr)
     handler.addFilter(EscapeControl())
-    handler.setFormatter(TextFormatter())
+    json_lines = settings.log_format == "json"
+    handler.setFormatter(JsonLineFormatter() if json_lines else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level)
     for name in QUIET:

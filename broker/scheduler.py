@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .errors import BrokerError
 from .lapses import LapseWatch
+from .logs import fields
 from .oauth.flows import FLOW_TTL, prune_flows
 from .retention import Pruned, prune
 from .sessions import prune_sessions
@@ -100,10 +102,14 @@ async def sweep(
             # The store failed: the lease runs out and a later sweep tries again.
             result.failed += 1
             log.warning("refresh of %s/%s: database error (%s)", group_id, key,
-                        type(exc).__name__)
+                        type(exc).__name__,
+                        extra=fields(event="refresh", group=group_id, integration=key,
+                                     outcome="database_error"))
         except Exception:
             result.failed += 1
-            log.exception("refresh of %s/%s crashed", group_id, key)
+            log.exception("refresh of %s/%s crashed", group_id, key,
+                          extra=fields(event="refresh", group=group_id, integration=key,
+                                       outcome="crashed"))
 
     waiting: deque[Connection] = deque()
     more = True
@@ -238,16 +244,20 @@ class Refresher:
     async def _run(self) -> None:
         self._job = asyncio.current_task()
         try:
+            started = time.perf_counter()
             await self.broker.calibrate_clock()
             result = await sweep(self.broker, stop=self._stop)
+            took = time.perf_counter() - started
         except Exception:
             log.exception("refresh sweep failed; it will run again")
             return
-        if result.claimed or result.delivered:
-            log.info(
-                "sweep: %d due, %d refreshed, %d failed, %d webhooks delivered",
-                result.claimed, result.refreshed, result.failed, result.delivered,
-            )
+        # A sweep that found nothing to do says so at debug only (one a second is noise).
+        log.log(
+            logging.INFO if result.claimed or result.delivered else logging.DEBUG,
+            "sweep: %d due, %d refreshed, %d failed, %d webhooks delivered in %.0f ms",
+            result.claimed, result.refreshed, result.failed, result.delivered, took * 1000,
+            extra=fields(event="sweep", count=result.claimed, duration=took),
+        )
 
     def start(self) -> None:
         self.scheduler.start()

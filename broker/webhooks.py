@@ -26,7 +26,7 @@ import httpx
 from sqlalchemy import select, update
 
 from .events import event_dict
-from .logs import redact_url
+from .logs import fields, redact_url
 from .store.models import Event, WebhookDelivery
 
 if TYPE_CHECKING:
@@ -182,7 +182,8 @@ async def deliver_due(
                 values = {"status": "delivered", "next_attempt_at": None, "last_error": None}
             elif attempts >= MAX_ATTEMPTS or secret is None:
                 log.error(
-                    "webhook delivery %s to %s given up: %s", delivery_id, redact_url(url), error
+                    "webhook delivery %s to %s given up: %s", delivery_id, redact_url(url), error,
+                    extra=fields(event="webhook", outcome="failed"),
                 )
                 values = {"status": "failed", "next_attempt_at": None, "last_error": error}
             else:

@@ -254,13 +254,14 @@ class Refresher:
         return total
 
     def sweeps(self) -> int:
-        """Sweeps this process ran (APScheduler's "Running job" lines)."""
-        return sum(1 for line in self.output().splitlines() if "Running job" in line)
+        """Sweeps this process ran (its "sweep:" lines; one that found nothing to do logs
+        at debug)."""
+        return sum(1 for line in self.output().splitlines() if "sweep:" in line)
 
     def summary(self) -> str:
         """Sweeps run and what they reported (for assertion messages)."""
         lines = self.output().splitlines()
-        runs = [ln[:23] for ln in lines if "Running job" in ln]
+        runs = [ln[:23] for ln in lines if "sweep:" in ln]
         sweeps = [ln[:23] + ln.split("sweep:", 1)[1] for ln in lines if "sweep:" in ln]
         return f"pid {self.pid}: {len(runs)} sweeps from {runs[:1]}; reported {sweeps}"
 

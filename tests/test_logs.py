@@ -5,6 +5,7 @@ sets. Pure functions and in-memory handlers; the attacks themselves are in
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -15,9 +16,11 @@ from broker.config import Settings
 from broker.logs import (
     QUIET,
     EscapeControl,
+    JsonLineFormatter,
     TextFormatter,
     configure_logging,
     escape_control,
+    fields,
     redact_url,
 )
 from tests import logging_support
@@ -148,3 +151,56 @@ def test_configure_logging_twice_leaves_one_handler(
         assert "once" not in logging_support.output(second)
     finally:
         logging.getLogger().removeHandler(third)
+
+
+def test_fields_keep_what_is_given_and_refuse_unknown_names() -> None:
+    assert fields(event="refresh", group="g1", integration="acme", outcome=None,
+                  duration=0.01234) == {
+        "event": "refresh", "group": "g1", "integration": "acme", "duration_ms": 12.3,
+    }
+    assert fields(path="/a\nb") == {"path": "/a\\nb"}  # escaped like a message
+    with pytest.raises(TypeError, match="access_token"):
+        fields(access_token="t")  # a field is a name from FIELDS, never a value's own key
+    assert "apscheduler" in QUIET  # its two INFO lines per sweep are held back
+
+
+def test_a_json_line_is_one_object_with_the_records_fields() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(EscapeControl())
+    handler.setFormatter(JsonLineFormatter())
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError as exc:
+        record = logging.LogRecord(
+            "broker.refresh", logging.WARNING, __file__, 1, "refresh of %s failed", ("g1/a",),
+            (type(exc), exc, exc.__traceback__),
+        )
+    for name, value in fields(event="refresh", group="g1", outcome="transient",
+                              duration=0.5).items():
+        setattr(record, name, value)  # what extra= does
+    handler.handle(record)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    data = json.loads(lines[0])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", data["time"])
+    assert {k: data[k] for k in ("level", "logger", "message", "event", "group", "outcome",
+                                 "duration_ms")} == {
+        "level": "WARNING", "logger": "broker.refresh", "message": "refresh of g1/a failed",
+        "event": "refresh", "group": "g1", "outcome": "transient", "duration_ms": 500.0,
+    }
+    assert data["exc_info"].endswith("ValueError: bad\nvalue")
+
+
+def test_configure_logging_json(
+    make_settings: Callable[..., Settings],
+    served_logging: Callable[[Settings, str], logging.Handler],
+) -> None:
+    handler = served_logging(make_settings(log_format="json"), "info")
+    assert isinstance(handler.formatter, JsonLineFormatter)
+    logging.getLogger("broker.test").info("a\nb", extra=fields(event="sweep", count=3))
+    (line,) = logging_support.output(handler).splitlines()
+    assert json.loads(line) | {"time": "-"} == {
+        "time": "-", "level": "INFO", "logger": "broker.test", "message": "a\\nb",
+        "event": "sweep", "count": 3,
+    }

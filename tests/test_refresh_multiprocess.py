@@ -44,6 +44,8 @@ LIFETIME = 5  # access token lifetime at the provider, seconds
 SETTINGS: dict[str, Any] = {
     "server": {"access_token_lifetime": LIFETIME, "auto_approve": True},
     "refresh": {"interval_seconds": 1, "min_validity_seconds": 1},
+    # Each sweep's line (at debug when it found nothing due): RefreshProcess.sweeps counts them.
+    "log_level": "debug",
 }
 
 

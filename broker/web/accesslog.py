@@ -17,7 +17,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..logs import escape_control
+from ..logs import escape_control, fields
 
 LOG_KEY = "broker.proxy"
 """Where the proxy route leaves what its access log line adds (in the scope's state)."""
@@ -48,15 +48,21 @@ class AccessLog:
             await self.app(scope, receive, send_wrapper)
         finally:
             client = scope.get("client")
-            proxied = (scope.get("state") or {}).get(LOG_KEY)
+            proxied = (scope.get("state") or {}).get(LOG_KEY) or {}
+            took = time.perf_counter() - started
+            address = escape_control(str(client[0])) if client else "-"
+            method = escape_control(scope.get("method", "-"))
+            path = escape_control(scope.get("path", "-"))
             log.info(
-                '%s "%s %s" %d %.1fms%s',
-                escape_control(str(client[0])) if client else "-",
-                escape_control(scope.get("method", "-")),
-                escape_control(scope.get("path", "-")),
-                status,
-                (time.perf_counter() - started) * 1000,
+                '%s "%s %s" %d %.1fms%s', address, method, path, status, took * 1000,
                 _proxied(proxied) if proxied else "",
+                extra=fields(
+                    event="request", client=address, method=method, path=path,
+                    status=status, duration=took,
+                    integration=proxied.get("integration"),
+                    upstream_status=proxied.get("upstream_status"),
+                    refreshes=proxied.get("refreshes"),
+                ),
             )
 
 

@@ -48,6 +48,7 @@ from ..auth import kind
 from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable
 from ..events import list_events
 from ..integrations import Group, Integration, fill_group
+from ..logs import fields
 from ..runtime import Broker
 from ..scheduler import Refresher
 from ..sessions import SessionGrant, find_session
@@ -190,6 +191,9 @@ async def trigger(request: Request) -> Response:
             raise InvalidInput(f"Missing field {field!r}.", field=field) from None
     if isinstance(result, Response):
         return result
+    log.info("connected %s for group %s", integration.key, group_id,
+             extra=fields(event="connect", group=group_id, integration=integration.key,
+                          outcome="connected"))
     return JSONResponse(
         {"integration": integration.key, "status": "connected"}, headers=NO_STORE
     )
@@ -202,6 +206,9 @@ async def disconnect(request: Request) -> Response:
         result = await integration.delete_integration(db, Group(group_id), request)
     if isinstance(result, Response):
         return result
+    log.info("disconnected %s for group %s", integration.key, group_id,
+             extra=fields(event="disconnect", group=group_id, integration=integration.key,
+                          outcome="not_connected"))
     return JSONResponse(
         {"integration": integration.key, "status": "not_connected"}, headers=NO_STORE
     )

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..catalog import PopupProvider
 from ..errors import Forbidden, InvalidInput
+from ..logs import fields
 from ..oauth.flows import FLOW_TTL, TICKET_PREFIX
 from ..oauth.service import FlowFailed, finish, flow_cookie, issue_ticket, start
 from ..runtime import Broker
@@ -200,7 +201,9 @@ async def oauth_callback(request: Request) -> Response:
     except FlowFailed as exc:
         response = _failure_page(broker, exc)
     else:
-        log.info("connected %s for group %s", result.integration, result.group_id)
+        log.info("connected %s for group %s", result.integration, result.group_id,
+                 extra=fields(event="connect", group=result.group_id,
+                              integration=result.integration, outcome="connected"))
         response = result_page(
             integration=result.integration,
             display_name=result.display_name,

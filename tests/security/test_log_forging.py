@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -85,6 +86,30 @@ async def test_control_characters_from_a_request_are_escaped_one_line_per_record
     for line, escaped in zip(access[1:-1], CONTROLS.values(), strict=True):
         assert f'"GET /groups/g{escaped}1/integrations" 401 ' in line, line
     assert '"GET /h" 401 ' in access[-1]
+
+
+async def test_json_lines_stay_one_record_each_with_the_path_as_a_field(
+    broker: Broker, served_logging: Callable[[Settings, str], logging.Handler]
+) -> None:
+    handler = served_logging(broker.settings.model_copy(update={"log_format": "json"}), "info")
+    async with serve(create_app(broker)) as url:
+        for encoded in CONTROLS:
+            status = await send_raw(url, get(f"/groups/g{encoded}1/integrations"))
+            assert status.startswith(b"HTTP/1.1 401"), status
+        status = await send_raw(url, get("/x%0a" + FORGED.replace(" ", "%20")))
+        assert status.startswith(b"HTTP/1.1 401"), status
+
+    lines = logging_support.output(handler).splitlines()
+    records = [json.loads(line) for line in lines]  # each line is one whole object
+    access = [r for r in records if r["logger"] == "broker.access"]
+    assert len(access) == len(CONTROLS) + 1, lines
+    for record, escaped in zip(access[:-1], CONTROLS.values(), strict=True):
+        assert record["event"] == "request" and record["status"] == 401
+        assert record["method"] == "GET" and record["path"] == f"/groups/g{escaped}1/integrations"
+        assert record["duration_ms"] >= 0
+    assert access[-1]["path"].startswith("/x\\n2026-01-01")
+    for line in lines:
+        assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]", line), line
 
 
 async def test_the_access_log_is_escaped_under_a_host_applications_own_logging(

@@ -313,16 +313,19 @@ async def secrets_at_rest(live: Live) -> list[str]:
     return stored
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest.mark.parametrize("level", ["info", "debug"])
 async def test_served_logs_hold_no_key_token_ciphertext_or_hash(
-    level: str, live_factory: LiveFactory,
+    level: str, log_format: str, live_factory: LiveFactory,
     served_logging: Callable[[Settings, str], logging.Handler],
 ) -> None:
     upstream = Upstream()
     async with serve(upstream.app) as upstream_url, live_factory(
         extra_providers={"openweathermap": openweathermap(upstream_url)}
     ) as live:
-        handler = served_logging(live.broker.settings, level)
+        handler = served_logging(
+            live.broker.settings.model_copy(update={"log_format": log_format}), level
+        )
         brokers_lines_only(handler, live)
         logging.getLogger("broker.test").debug("the capture sees DEBUG records")
         browser, service = clients(live, Seen())
@@ -362,6 +365,16 @@ async def test_served_logs_hold_no_key_token_ciphertext_or_hash(
             assert live.server.token_requests["refresh_token"] == 2
 
     logs = logging_support.output(handler)
+    if log_format == "json":
+        # Every line one JSON object; the secrets are looked for in the decoded values too
+        # (an escape in the JSON text must not hide one).
+        records = [json.loads(line) for line in logs.splitlines()]
+        assert all(isinstance(r, dict) and {"time", "level", "logger", "message"} <= set(r)
+                   for r in records)
+        logs += "\n" + "\n".join(str(v) for r in records for v in r.values())
+        assert any(r.get("event") == "refresh" and r.get("outcome") == "refreshed"
+                   and r.get("integration") == "acme" and r.get("group") == "g1"
+                   and r.get("duration_ms", -1) >= 0 for r in records)
     assert "broker.access" in logs and "connected acme for group g1" in logs
     assert ("the capture sees DEBUG records" in logs) == (level == "debug")
     secrets = list(dict.fromkeys(secrets))
