@@ -11,8 +11,8 @@ event in the same transaction (see ``events.record``). So the event log *is* a c
   committed anywhere is seen everywhere within that bound (1 second); when the watcher
   falls behind or fails, reads go to the database.
 - On PostgreSQL, ids are assigned at insert but become visible at commit, possibly out of
-  order; each poll therefore rescans the last ``RESCAN_SECONDS`` of ids (invalidating
-  twice is harmless). SQLite commits one writer at a time, in id order.
+  order; each poll therefore rescans the last ``RESCAN_SECONDS`` of ids (``events.Cursor``).
+  SQLite commits one writer at a time, in id order.
 
 Entries hold the decrypted dict (never written anywhere) and the row version.
 """
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from .events import Cursor
 from .store.models import Event
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ log = logging.getLogger("broker.cache")
 
 POLL_SECONDS = 0.25
 MAX_STALENESS = 1.0
-RESCAN_SECONDS = 10.0
 MAX_ENTRIES = 100_000
 
 
@@ -59,11 +59,8 @@ class CredentialCache:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trusted_until = 0.0  # monotonic time
-        self._since = 0
-        self._floor = 0
-        self._marks: list[tuple[float, int]] = []  # (when polled, max id seen by then)
+        self._cursor = Cursor(0, rescan=not broker.database.is_sqlite)
         self._invalidated_at: dict[tuple[str, str], float] = {}
-        self._seen: set[int] = set()  # ids seen above the rescan floor
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -118,8 +115,10 @@ class CredentialCache:
     async def _watch(self) -> None:
         try:
             async with self.broker.session() as db:
-                self._since = int(await db.scalar(select(func.max(Event.id))) or 0)
-            self._floor = max(0, self._since - 1000)
+                since = int(await db.scalar(select(func.max(Event.id))) or 0)
+            self._cursor = Cursor(
+                since, rescan=not self.broker.database.is_sqlite, floor=max(0, since - 1000)
+            )
             # Anything cached before the watcher ran may be stale: start empty.
             self.entries.clear()
             while True:
@@ -137,30 +136,18 @@ class CredentialCache:
             )
 
     async def _poll(self, started: float) -> None:
-        since = self._rescan_floor(started)
+        cursor = self._cursor
         async with self.broker.session() as db:
             rows = (
                 await db.execute(
                     select(Event.id, Event.group_id, Event.integration)
-                    .where(Event.id > since)
+                    .where(Event.id > cursor.floor(started))
                     .order_by(Event.id)
                 )
             ).all()
-        fresh = [(n, g, i) for n, g, i in rows if n not in self._seen]
+        fresh = cursor.take([row[0] for row in rows], started)
         if fresh:
-            self.invalidate((g, i) for _, g, i in fresh)
-            self._seen.update(n for n, _, _ in fresh)
-            self._since = max(self._since, max(n for n, _, _ in fresh))
-        self._seen = {n for n in self._seen if n > since}
-        self._marks.append((started, self._since))
-
-    def _rescan_floor(self, now: float) -> int:
-        """Poll from here: on PostgreSQL, the highest id seen ``RESCAN_SECONDS`` ago."""
-        if self.broker.database.is_sqlite:
-            return self._since
-        while self._marks and now - self._marks[0][0] >= RESCAN_SECONDS:
-            self._floor = self._marks.pop(0)[1]
-        return self._floor
+            self.invalidate((g, i) for n, g, i in rows if n in fresh)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -21,7 +21,10 @@ from .store.models import Event, events_table, webhook_deliveries_table
 if TYPE_CHECKING:
     from .config import WebhookSettings
 
-__all__ = ["KINDS", "Recorded", "event_dict", "list_events", "record", "record_many"]
+__all__ = [
+    "KINDS", "RESCAN_SECONDS", "Cursor", "Recorded", "event_dict", "events_after",
+    "list_events", "record", "record_many",
+]
 
 KINDS = (
     "connected",
@@ -105,6 +108,50 @@ async def record_many(
     await db.execute(_INSERT_EVENT, rows)
 
 
+RESCAN_SECONDS = 10.0
+"""How far back (in time) a reader of the feed looks again for ids committed late."""
+
+
+class Cursor:
+    """A reader's place in the events feed (ids in order), missing no late commit.
+
+    On PostgreSQL an id is assigned at insert and becomes visible at commit, so a smaller id
+    can appear after a larger one was read. Each read therefore starts at ``floor(now)``:
+    the highest id seen ``RESCAN_SECONDS`` ago (``rescan``), or the highest seen at all
+    (SQLite, which commits one writer at a time, in id order). ``take`` returns the ids not
+    seen before, so an event read twice is handed on once."""
+
+    def __init__(
+        self, since: int, *, rescan: bool, floor: int | None = None,
+        rescan_seconds: float = RESCAN_SECONDS,
+    ) -> None:
+        self.since = since
+        self.rescan = rescan
+        self.rescan_seconds = rescan_seconds
+        self._floor = since if floor is None else floor
+        self._marks: list[tuple[float, int]] = []  # (when read, highest id seen by then)
+        self._seen: set[int] = set()  # ids seen above the floor
+
+    def floor(self, now: float) -> int:
+        """Read ids above this (``now``: a monotonic time)."""
+        if not self.rescan:
+            return self.since
+        while self._marks and now - self._marks[0][0] >= self.rescan_seconds:
+            self._floor = self._marks.pop(0)[1]
+        return self._floor
+
+    def take(self, ids: list[int], now: float) -> set[int]:
+        """Of ``ids`` (read above ``floor(now)``), those not seen before."""
+        fresh = {n for n in ids if n not in self._seen}
+        if fresh:
+            self._seen |= fresh
+            self.since = max(self.since, max(fresh))
+        floor = self.floor(now)
+        self._seen = {n for n in self._seen if n > floor}
+        self._marks.append((now, self.since))
+        return fresh
+
+
 def event_dict(event: Event) -> dict[str, Any]:
     return {
         "id": event.id,
@@ -117,11 +164,24 @@ def event_dict(event: Event) -> dict[str, Any]:
 
 
 async def list_events(
-    db: AsyncSession, group_id: str, *, limit: int = 100, before: int | None = None
+    db: AsyncSession, group_id: str | None, *, limit: int = 100, before: int | None = None
 ) -> list[dict[str, Any]]:
-    """A group's events, newest first."""
-    query = select(Event).where(Event.group_id == group_id)
+    """A group's events (every group's, for None), newest first."""
+    query = select(Event)
+    if group_id is not None:
+        query = query.where(Event.group_id == group_id)
     if before is not None:
         query = query.where(Event.id < before)
     rows = await db.scalars(query.order_by(Event.id.desc()).limit(limit))
+    return [event_dict(e) for e in rows]
+
+
+async def events_after(
+    db: AsyncSession, after: int, *, group_id: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Events with an id above ``after`` (one group's, or all), oldest first."""
+    query = select(Event).where(Event.id > after)
+    if group_id is not None:
+        query = query.where(Event.group_id == group_id)
+    rows = await db.scalars(query.order_by(Event.id).limit(limit))
     return [event_dict(e) for e in rows]

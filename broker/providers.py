@@ -32,6 +32,7 @@ from .integrations import (
     OauthConfig,
     disconnect_custom_integration,
 )
+from .refresh import shown_status
 from .store.database import after_commit
 
 __all__ = [
@@ -190,15 +191,7 @@ def base_integration(
         info = await broker.repository.info(db, str(group.id), name)
         if info is None:
             return "not_connected"
-        if (
-            info.status == "connected"
-            and info.last_error is not None
-            and info.expires_at is not None
-            and info.expires_at <= broker.now()
-        ):
-            # Refreshes are failing and the token has run out: nodes cannot use it now.
-            return "unavailable"
-        return str(info.status)
+        return shown_status(str(info.status), info.last_error, info.expires_at, broker.now())
 
     async def remove(db: AsyncSession, group: Any, _request: Any) -> bool:
         broker = db.info["broker"]

@@ -26,6 +26,7 @@ __all__ = [
     "next_refresh_at",
     "reauth_reason",
     "refresh_margin",
+    "shown_status",
 ]
 
 MAX_MARGIN = 3600.0
@@ -154,3 +155,17 @@ def reauth_reason(error: str, interrupted: str | None) -> str | None:
     if error == "invalid_grant" and interrupted is not None:
         return INTERRUPTED
     return None
+
+
+def shown_status(
+    status: str, last_error: str | None, expires_at: datetime | None, now: datetime
+) -> str:
+    """The status people see: the stored one, except that a connected row whose refreshes
+    are failing and whose token has run out is ``unavailable`` (nodes cannot use it now;
+    the broker keeps retrying)."""
+    if (
+        status == "connected" and last_error is not None
+        and expires_at is not None and expires_at <= now
+    ):
+        return "unavailable"
+    return status

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.exc import DBAPIError
 
+from .admin import prune_admin_grants
 from .errors import BrokerError
 from .lapses import LapseWatch
 from .logs import fields
@@ -200,13 +201,15 @@ async def prune_expired(broker: Broker, result: SweepResult) -> None:
 async def prune_flows_and_sessions(broker: Broker, *, limit: int = 1000) -> tuple[int, int]:
     """Remove sign-in flows and connect sessions whose time ran out (at most ``limit`` of
     each per sweep: they are capped per session where they are made, so a sweep every
-    ``refresh.interval_seconds`` keeps up). Flows stay ``FLOW_TTL`` past their expiry, so
+    ``refresh.interval_seconds`` keeps up), and the operators' ``/admin`` links and
+    sessions (counted with the sessions). Flows stay ``FLOW_TTL`` past their expiry, so
     a callback just too late is told so rather than that its flow does not exist.
     Returns ``(flows, sessions)`` removed."""
     now = broker.now()
     async with broker.session() as db, db.begin():
         flows = await prune_flows(db, now=now - FLOW_TTL, limit=limit)
         sessions = await prune_sessions(db, now=now, limit=limit)
+        sessions += await prune_admin_grants(db, now=now)  # a handful: operators' links
     return flows, sessions
 
 

@@ -60,10 +60,10 @@ async def test_connections_list_and_connect_link(
     broken = run(tmp_path, "connections", "list", "--status", "reauth_required", "--json")
     assert broken.returncode == 0, broken.stderr
     rows = [json.loads(line) for line in broken.stdout.splitlines()]
-    assert rows == [{
+    assert [row | {"updated_at": "-"} for row in rows] == [{
         "group": "g2", "integration": "openweathermap", "auth_type": "apikey",
         "status": "reauth_required", "expires_at": None, "next_refresh_at": None,
-        "failures": 0, "last_error": "the provider refused the grant",
+        "failures": 0, "last_error": "the provider refused the grant", "updated_at": "-",
     }]
     assert run(tmp_path, "connections", "list", "--group", "nobody").stdout.splitlines()[-1] == (
         "0 connection(s)")

@@ -122,6 +122,20 @@ class ConnectSession(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class AdminGrant(Base):
+    """An operator's way into ``/admin`` (stored hashed): a one-time ``link`` from
+    ``broker admin-link`` (5 minutes), redeemed once for a ``session`` (1 hour)."""
+
+    __tablename__ = "admin_grants"
+    __table_args__ = (Index("ix_admin_grants_expires_at", "expires_at"),)
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class OAuthFlow(Base):
     """One authorization-code flow in progress, keyed by the hash of its ``state``.
 

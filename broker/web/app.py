@@ -7,6 +7,7 @@ Routes (S: service token; C: connect session for the group, as a bearer token; -
     -   GET  /metrics               Prometheus (metrics.enabled; metrics.token or metrics.allow)
     -   GET  /openapi.json
     -   GET  /connect                                                the connect page
+    -   GET  /admin, GET /admin/enter, POST /admin/enter             the operator page
     -   GET  /oauth/start, POST /oauth/start                         the popup's start (popup)
     -   GET  /oauth/callback                                         the OAuth2 redirect URI
     -   GET  /static/...
@@ -53,6 +54,7 @@ from ..runtime import Broker
 from ..scheduler import Refresher
 from ..sessions import SessionGrant, find_session
 from .accesslog import AccessLog
+from .admin import admin_page, enter_page, enter_redeem
 from .auth import ServiceTokenMiddleware, TokenSet, principal, require_service
 from .bodies import read_json_object, replay
 from .connect import connect_page, create_connect_session, current_session
@@ -76,7 +78,7 @@ log = logging.getLogger("broker.web")
 STATIC_DIR = Path(__file__).parent / "static"
 PUBLIC_PATHS = [
     "/healthz", "/readyz", "/metrics", "/openapi.json", "/oauth/callback", "/oauth/start",
-    "/connect",
+    "/connect", "/admin", "/admin/enter",
 ]
 PUBLIC_PREFIXES = ["/static/"]
 
@@ -333,6 +335,9 @@ def create_app(
         Route("/oauth/start", redeem, methods=["POST"]),
         Route("/oauth/callback", oauth_callback),
         Route("/connect", connect_page),
+        Route("/admin", admin_page),
+        Route("/admin/enter", enter_page),
+        Route("/admin/enter", enter_redeem, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(
