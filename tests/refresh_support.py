@@ -179,11 +179,13 @@ def newest_expiry(server: AuthServer, family: str, *, issued_before: float) -> f
 
 @dataclass
 class Refresher:
-    """One ``broker refresher --config ...`` process; its output goes to ``log``."""
+    """One ``broker refresher --config ...`` process (or ``broker serve``, given
+    ``command=["serve", "--port", N]``); its output goes to ``log``."""
 
     config: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    command: tuple[str, ...] = ("refresher",)
     started_at: float = 0.0
     terminated: bool = False
 
@@ -192,7 +194,7 @@ class Refresher:
         env.pop("BROKER_CONFIG", None)
         out = self.log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "refresher", "--config", str(self.config)],
+            [sys.executable, "-m", "broker", *self.command, "--config", str(self.config)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
         out.close()
@@ -211,7 +213,8 @@ class Refresher:
         """Wait until the scheduler has started (or fail with the process's output)."""
         assert self.process is not None
         deadline = time.monotonic() + 20
-        while "refresher running" not in self.output():
+        started = "serving on" if self.command[0] == "serve" else "refresher running"
+        while started not in self.output():
             if self.process.poll() is not None:
                 code = self.process.returncode
                 raise AssertionError(f"refresher exited {code}:\n{self.output()}")
