@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -54,21 +53,22 @@ async def test_events_lists_then_follows_new_ones_until_interrupted(
     assert "g2  openweathermap  connected" in one.stdout
 
     env = {k: v for k, v in os.environ.items() if k != "BROKER_CONFIG"}
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "broker", "events", "--follow", "--group", "g3", "--json",
-         "--config", str(tmp_path / "config.yaml")],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "events", "--follow", "--group", "g3", "--json",
+        "--config", str(tmp_path / "config.yaml"),
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
         await asyncio.sleep(2.0)  # started and following (nothing of g3 yet)
         await seed(settings, ["g3", "g4"])  # g4 is filtered out
         assert follower.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(follower.stdout.readline), 20)
+        line = (await asyncio.wait_for(follower.stdout.readline(), 20)).decode()
         followed = json.loads(line)
         assert (followed["group_id"], followed["kind"]) == ("g3", "connected")
     finally:
         follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=20)
+        out_bytes, err_bytes = await asyncio.wait_for(follower.communicate(), 20)
+    out, err = out_bytes.decode(), err_bytes.decode()
     assert follower.returncode == 0, err
     assert out == ""  # nothing more: g4's event was not g3's
     assert "owm-secret" not in listed.stdout + one.stdout + line + out + err

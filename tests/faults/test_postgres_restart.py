@@ -254,3 +254,27 @@ async def test_connections_a_restart_left_dead_in_the_pool_are_replaced_before_u
         for answer in answers:
             assert answer.status_code == 200, answer.text
             assert answer.json()["credentials"] == {"api_key": key}
+
+
+async def test_readyz_while_the_database_is_stopped_and_after_it_is_back(
+    own_postgres: Cluster, make_settings: Callable[..., Settings]
+) -> None:
+    """Readiness follows the database (the load balancer stops sending traffic while it is
+    down); liveness does not (the process is fine, and is not restarted)."""
+    async with broker_on(own_postgres, make_settings) as (_broker, http):
+        assert (await http.get("/readyz")).json() == {"status": "ready"}
+        await asyncio.to_thread(own_postgres.stop)
+        try:
+            down = await http.get("/readyz")
+            assert down.status_code == 503, down.text
+            assert down.json()["status"] == "unavailable"
+            assert "does not answer" in down.json()["reason"]
+            assert str(own_postgres.port) not in down.text  # never the database's address
+            assert (await http.get("/healthz")).status_code == 200
+        finally:
+            await asyncio.to_thread(own_postgres.start)
+        deadline = time.monotonic() + 20
+        while (back := await http.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, back.text
+            await asyncio.sleep(0.2)
+        assert back.json() == {"status": "ready"}
