@@ -44,7 +44,6 @@ __all__ = [
     "CredentialHandle",
     "ProviderAuth",
     "ProviderClient",
-    "SharedTransport",
 ]
 
 
@@ -193,23 +192,6 @@ class ProviderAuth(httpx.Auth):
             request.url = request.url.copy_merge_params(query)
         if self._sign is not None:  # last: the signature covers the URL as sent
             self._sign(request)
-
-
-class SharedTransport(httpx.AsyncBaseTransport):
-    """A transport many clients use and none closes (``close`` does, once, at the end):
-    every ``ctx.client`` of a broker shares one pool of kept-alive connections."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
-        self._transport = transport
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self._transport.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        """Left open: it belongs to the broker, not to the client closing it."""
-
-    async def close(self) -> None:
-        await self._transport.aclose()
 
 
 class ProviderClient(httpx.AsyncClient):

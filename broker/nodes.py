@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .client import ConnectionHandle, ProviderClient, SharedTransport
+from .client import ConnectionHandle, ProviderClient
 from .errors import (
     HTTPError,
     IntegrationNotConnected,
@@ -34,6 +34,7 @@ from .errors import (
     UnknownIntegration,
     error_class,
 )
+from .oauth.client import Borrowed
 
 PROXY_ERROR_HEADER = "Broker-Error"
 """Set on the proxy route's own error answers (not the provider's), to the error code."""
@@ -116,7 +117,7 @@ class RemoteSource:
         # Clients made by ``client()`` use the given client's transport (tests pass one that
         # reaches an app in process), never closing it: it stays the caller's.
         self._transport = (
-            SharedTransport(client._transport) if client is not None else None
+            Borrowed(client._transport) if client is not None else None
         )
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}

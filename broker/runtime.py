@@ -26,7 +26,6 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .apitransport import AiohttpTransport
-from .client import SharedTransport
 from .config import Settings
 from .credentials import Credentials, expiry
 from .crypto import Keyring, load_or_create_key_file, parse_key
@@ -71,9 +70,8 @@ class Broker:
         # One keep-alive connection pool for every token request (see oauth.client).
         self.token_transport = client.token_transport()
         # One pool for calls to providers' APIs (the proxy route and ctx.client).
-        self.api_transport = SharedTransport(
-            AiohttpTransport(max_connections=settings.proxy.max_connections)
-        )
+        self.api_pool = AiohttpTransport(max_connections=settings.proxy.max_connections)
+        self.api_transport = client.Borrowed(self.api_pool)  # shared: no client closes it
         # The proxy route sends requests it builds itself through this client (no default
         # headers are added to them); trust_env off: no per-request proxy lookups.
         self.api_client = httpx.AsyncClient(transport=self.api_transport, trust_env=False)
@@ -158,7 +156,7 @@ class Broker:
         await self.tokens.cache.close()
         await self.token_transport.aclose()
         await self.api_client.aclose()
-        await self.api_transport.close()
+        await self.api_pool.aclose()
         await self.database.dispose()
         if Broker._current is self:
             Broker._current = None

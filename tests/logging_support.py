@@ -23,6 +23,7 @@ import pytest
 from starlette.applications import Starlette
 
 from broker import cli
+from broker.cli import common as cli_common
 from broker.config import ServerSettings, Settings
 from broker.logs import FORMAT, QUIET, configure_logging
 from broker.web.server import build_server
@@ -37,7 +38,7 @@ RECORD_START = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|
 def served_logging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Callable[[Settings, str], logging.Handler]]:
-    assert "configure_logging(settings)" in inspect.getsource(cli._settings)
+    assert "configure_logging(settings)" in inspect.getsource(cli_common.load_config)
     # What `broker serve` runs: uvicorn without its access log, logging through ours.
     assert "build_server(" in inspect.getsource(cli.serve.callback)  # type: ignore[arg-type]
     built = build_server(Starlette(), ServerSettings(), host="127.0.0.1", port=0,

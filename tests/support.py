@@ -6,9 +6,11 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 import yaml
+from cryptography.hazmat.primitives import serialization
 from starlette.types import ASGIApp
 
 
@@ -59,3 +61,16 @@ async def serve(app: ASGIApp, sock: socket.socket | None = None) -> AsyncIterato
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
         sock.close()
+
+
+def pem(key: Any) -> str:
+    """A private key (cryptography's) as unencrypted PKCS#8 PEM, as a user pastes it."""
+    return str(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode())
+
+
+def public_pem(key: Any) -> str:
+    """The public half of ``key`` as SubjectPublicKeyInfo PEM (what a server verifies)."""
+    return str(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())

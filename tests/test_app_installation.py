@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.auth.app_installation import AppInstallationProvider, classify
@@ -28,6 +27,7 @@ from tests import oauth_support
 from tests.apiserver import ApiServer
 from tests.authserver import AuthServer
 from tests.oauth_support import Live, page_data
+from tests.support import pem, public_pem
 
 live_factory = oauth_support.live_factory
 
@@ -37,17 +37,6 @@ APP, SECRET, SLUG = "Iv1.robotapp", "robot-app-secret", "robot-app"
 @pytest.fixture(scope="module")
 def app_key() -> Any:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def pem(key: Any) -> str:
-    return str(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()).decode())
-
-
-def public_pem(key: Any) -> str:
-    return str(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())
 
 
 def robot(authserver: AuthServer, apiserver: ApiServer, key: Any, **extra: Any) -> dict[str, Any]:
@@ -244,7 +233,7 @@ def test_the_catalogs_github_app_file_asks_what_githubs_docs_ask(
     tmp_path: Any, app_key: Any,
 ) -> None:
     from broker.config import load_settings
-    from tests.support import yaml_text
+    from tests.support import pem, yaml_text
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml_text({

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.auth.jwt_bearer import GRANT_TYPE, JwtBearerProvider, fill
@@ -27,24 +26,12 @@ from tests import oauth_support
 from tests.apiserver import ApiServer
 from tests.authserver import AuthServer
 from tests.oauth_support import Live
+from tests.support import pem, public_pem
 
 live_factory = oauth_support.live_factory
 
 EMAIL = "robot@project.iam.example"
 USER = "alice@example.com"
-
-
-def pem(key: Any) -> str:
-    return str(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode())
-
-
-def public_pem(key: Any) -> str:
-    return str(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo,
-    ).decode())
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +283,7 @@ def test_the_catalogs_service_account_files_sign_what_their_docs_ask(
     tmp_path: Any, rsa_key: Any,
 ) -> None:
     from broker.config import load_settings
-    from tests.support import yaml_text
+    from tests.support import pem, yaml_text
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml_text({

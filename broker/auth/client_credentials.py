@@ -11,22 +11,21 @@ reconnecting.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
 from ..catalog import OAuth2ClientCredentialsProvider, ProviderBase
-from ..connectvalues import learn, shown
-from ..credentials import expiry
-from ..errors import CredentialRejected, ProviderUnreachable, TokenEndpointError
+from ..errors import CredentialRejected, TokenEndpointError
 from ..integrations import Integration
 from ..oauth import client
-from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome
-from ..oauth.tokens import node_view, stored_token
-from ..providers import base_integration, check_api_values, read_fields
+from ..oauth.tokens import stored_token
+from ..providers import base_integration, read_fields
 from .base import TokenKind
+from .tokenconnect import connect_with_token
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -78,7 +77,6 @@ async def _request(
 
 def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
     """Connected by submitting a client id and secret; the broker fetches the token."""
-    name = spec.name
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
         data = await read_fields(spec, request)
@@ -89,42 +87,25 @@ def _integration(spec: OAuth2ClientCredentialsProvider) -> Integration:
             "audience": data.get("audience"),
         }
         broker = db.info["broker"]
-        now = broker.now()  # expiry counted from the request (see oauth2.py)
-        try:
-            response = await _request(broker, spec, creds)
-        except TokenEndpointError as exc:
+
+        def refused(exc: TokenEndpointError) -> CredentialRejected:
             reason = f" ({exc.error})" if exc.error else ""
-            if exc.outcome == Outcome.transient:
-                raise ProviderUnreachable(
-                    f"{spec.display_name} could not issue a token right now{reason}. "
-                    "Try again later."
-                ) from None
-            raise CredentialRejected(
+            return CredentialRejected(
                 f"{spec.display_name} did not accept these client credentials{reason}.",
                 field="client_secret",
-            ) from None
-        try:
-            token = stored_token(
+            )
+
+        def read(response: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+            return stored_token(
                 response, now=now, default_lifetime=spec.default_lifetime_seconds,
                 token_path=spec.token_path, extra_fields=spec.extra_fields,
                 expires=spec.expires, renewable=True,
             )
-        except ValueError:
-            raise ProviderUnreachable(
-                f"{spec.display_name} answered without an access token."
-            ) from None
-        learnt = await learn(spec, node_view(token), transport=Borrowed(broker.token_transport))
-        token["extra"].update(learnt)
-        check_api_values(spec, node_view(token))
-        token["client"] = creds
-        expires_at = expiry(token)
-        await broker.repository.put(
-            db, str(group.id), name, token, auth_type=spec.auth_type,
-            hint={"client_id": data["client_id"], **shown(spec, learnt)},
-            expires_at=expires_at,
-            next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
+
+        return await connect_with_token(
+            db, str(group.id), spec, ask=lambda: _request(broker, spec, creds), read=read,
+            refused=refused, keep=("client", creds), hint={"client_id": data["client_id"]},
         )
-        return {"integration": name, "status": "connected"}
 
     return base_integration(spec, complete)
 

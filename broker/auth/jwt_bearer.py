@@ -47,23 +47,20 @@ from starlette.requests import Request
 
 from ..apispec import Apply
 from ..catalog import FieldsProvider, ProviderBase
-from ..connectvalues import learn, shown
-from ..credentials import expiry
 from ..errors import (
     CredentialRejected,
     InvalidInput,
-    ProviderUnreachable,
     TokenEndpointError,
 )
 from ..integrations import Integration
-from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome, classify
 from ..oauth.tokenpost import post_for_token
-from ..oauth.tokens import NODE_KEYS, dig, node_view, stored_token
+from ..oauth.tokens import NODE_KEYS, dig, stored_token
 from ..providers import base_integration, check_api_values, read_fields
 from ..urltemplates import check_template
 from .base import TokenKind
 from .keys import signing_key
+from .tokenconnect import connect_with_token
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -291,7 +288,6 @@ async def request_token(
 
 def _integration(spec: JwtBearerProvider) -> Integration:
     """Connected by posting the fields; the broker signs an assertion and gets a token."""
-    name = spec.name
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
         data = await read_fields(spec, request)
@@ -299,37 +295,23 @@ def _integration(spec: JwtBearerProvider) -> Integration:
         check_api_values(spec, public)
         broker = db.info["broker"]
         spec.assertion(data, broker.now())  # a key that cannot sign: 422, nothing sent
-        now = broker.now()  # expiry counted from the request (see oauth2.py)
-        try:
-            answer = await request_token(broker, spec, data)
-        except TokenEndpointError as exc:
-            if exc.outcome == Outcome.transient:
-                raise ProviderUnreachable(
-                    f"{spec.display_name} could not issue a token right now. Try again later."
-                ) from None
+
+        def refused(exc: TokenEndpointError) -> CredentialRejected:
             reason = f" ({exc.error})" if exc.error else ""
-            raise CredentialRejected(
+            return CredentialRejected(
                 f"{spec.display_name} did not accept this key{reason}. Check it and try "
                 "again.", field=spec.key_field(),
-            ) from None
-        try:
-            token = spec.read(answer, now=now, old={"settings": public})
-        except ValueError:
-            raise ProviderUnreachable(f"{spec.display_name} answered without a token.") from None
-        learnt = await learn(spec, node_view(token), transport=Borrowed(broker.token_transport))
-        token["extra"].update(learnt)
-        check_api_values(spec, node_view(token))
-        token["fields"] = dict(data)
-        expires_at = expiry(token)
-        hint = {**spec.credential_hint(public), **shown(spec, learnt)}
+            )
+
+        hint = spec.credential_hint(public)
         with contextlib.suppress(KeyError):  # who the token acts as: sub, else iss
             who = fill(spec.claims.get("sub") or "", spec.values(data))
             hint["account"] = who or fill(spec.claims["iss"], spec.values(data))
-        await broker.repository.put(
-            db, str(group.id), name, token, auth_type=spec.auth_type, hint=hint,
-            expires_at=expires_at, next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
+        return await connect_with_token(
+            db, str(group.id), spec, ask=lambda: request_token(broker, spec, data),
+            read=lambda answer, now: spec.read(answer, now=now, old={"settings": public}),
+            refused=refused, keep=("fields", dict(data)), hint=hint,
         )
-        return {"integration": name, "status": "connected"}
 
     return base_integration(spec, complete)
 

@@ -36,17 +36,15 @@ from starlette.requests import Request
 
 from ..apispec import Apply
 from ..catalog import FieldsProvider, ProviderBase, render
-from ..connectvalues import learn, shown
-from ..credentials import expiry
-from ..errors import CredentialRejected, ProviderUnreachable, TokenEndpointError
+from ..errors import CredentialRejected, TokenEndpointError
 from ..integrations import Integration
-from ..oauth.client import Borrowed
 from ..oauth.decisions import Outcome
 from ..oauth.tokenpost import post_for_token
-from ..oauth.tokens import NODE_KEYS, dig, node_view, stored_token
+from ..oauth.tokens import NODE_KEYS, dig, stored_token
 from ..providers import base_integration, check_api_values, read_fields
 from ..urltemplates import check_template, template_names
 from .base import TokenKind
+from .tokenconnect import connect_with_token
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -192,43 +190,27 @@ async def exchange(
 
 def _integration(spec: TokenExchangeProvider) -> Integration:
     """Connected by posting the fields; the broker makes the exchange at once."""
-    name = spec.name
 
     async def complete(db: AsyncSession, group: Any, request: Request) -> Any:
         data = await read_fields(spec, request)
         public = {k: v for k, v in data.items() if k in spec.public_fields()}
         check_api_values(spec, public)
         broker = db.info["broker"]
-        now = broker.now()  # expiry counted from the request (see oauth2.py)
-        try:
-            answer = await exchange(broker, spec, data)
-        except TokenEndpointError as exc:
-            if exc.outcome == Outcome.reauth:
-                secrets = [n for n, f in spec.fields.items() if f.secret]
-                raise CredentialRejected(
-                    f"{spec.display_name} did not accept these credentials. Check them and "
-                    "try again.", field=secrets[0] if secrets else None,
-                ) from None
-            raise ProviderUnreachable(
-                f"{spec.display_name} could not issue a token right now. Try again later."
-            ) from None
-        try:
-            token = spec.read(answer, now=now, old={"settings": public})
-        except ValueError:
-            raise ProviderUnreachable(
-                f"{spec.display_name} answered without a token."
-            ) from None
-        learnt = await learn(spec, node_view(token), transport=Borrowed(broker.token_transport))
-        token["extra"].update(learnt)
-        check_api_values(spec, node_view(token))
-        token["fields"] = dict(data)
-        expires_at = expiry(token)
-        await broker.repository.put(
-            db, str(group.id), name, token, auth_type=spec.auth_type,
-            hint={**spec.credential_hint(data), **shown(spec, learnt)}, expires_at=expires_at,
-            next_refresh_at=broker.next_refresh_at(now, expires_at, spec),
+
+        def refused(exc: TokenEndpointError) -> CredentialRejected | None:
+            if exc.outcome != Outcome.reauth:
+                return None  # the provider's trouble, not these credentials
+            secrets = [n for n, f in spec.fields.items() if f.secret]
+            return CredentialRejected(
+                f"{spec.display_name} did not accept these credentials. Check them and "
+                "try again.", field=secrets[0] if secrets else None,
+            )
+
+        return await connect_with_token(
+            db, str(group.id), spec, ask=lambda: exchange(broker, spec, data),
+            read=lambda answer, now: spec.read(answer, now=now, old={"settings": public}),
+            refused=refused, keep=("fields", dict(data)), hint=spec.credential_hint(data),
         )
-        return {"integration": name, "status": "connected"}
 
     return base_integration(spec, complete)
 

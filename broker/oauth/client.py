@@ -67,7 +67,9 @@ class _JSONBody(httpx.AsyncBaseTransport):
 
 
 class Borrowed(httpx.AsyncBaseTransport):
-    """A transport the client uses but does not own: closing the client leaves it open."""
+    """A transport a client uses but does not own: closing the client leaves it open (the
+    broker's pools for token requests and provider APIs, each closed once by the broker;
+    a caller's transport handed to the remote ``ctx.client``)."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
