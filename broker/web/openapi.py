@@ -313,6 +313,42 @@ def openapi(public_url: str) -> dict[str, Any]:
                     },
                 },
             },
+            "/admin": {
+                "get": {
+                    "summary": "The operator page (with the cookie `broker admin-link` opens)",
+                    "security": [],
+                    "responses": {"200": PAGE, "401": PAGE},
+                },
+            },
+            "/admin/enter": {
+                "get": {
+                    "summary": "The page a `broker admin-link` URL opens",
+                    "security": [],
+                    "responses": {"200": PAGE},
+                },
+                "post": {
+                    "summary": "Redeem a one-time operator link from the broker's own page",
+                    "security": [],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["token"],
+                                    "properties": {"token": {"type": "string"}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"location": {"type": "string"}}}
+                        ),
+                        **_errors(400, 403, 413, 422, 500),
+                    },
+                },
+            },
             "/groups/{group_id}/integrations/{name}/credentials": {
                 "get": {
                     "summary": "The credential for a node, with a token valid right now",

@@ -30,7 +30,7 @@ sec_broker = sec.sec_broker
 # Reached without any token (the middleware's own list says the same; checked below).
 PUBLIC = {
     "/healthz", "/readyz", "/metrics", "/openapi.json", "/oauth/callback", "/oauth/start",
-    "/connect",
+    "/connect", "/admin", "/admin/enter",
     "/static",
 }
 
@@ -200,13 +200,13 @@ async def test_a_route_added_later_fails_the_matrix_naming_it(sec_broker: Broker
     added = [
         *app.routes,
         Route("/groups/{group_id}/secrets/{secret_id}", handler, methods=["DELETE"]),
-        Route("/admin", handler),
+        Route("/operators", handler),
         Mount("/files", app=handler),
     ]
     problems = uncovered(added)
     assert problems == [
         "DELETE /groups/{group_id}/secrets/{secret_id} (not in CALLS)",
-        "GET /admin (not in CALLS)",
+        "GET /operators (not in CALLS)",
         "mount /files (not in PUBLIC)",
     ]
 
@@ -318,7 +318,8 @@ async def test_public_routes_answer_without_a_token(sec_broker: Broker) -> None:
             r = await anonymous.get(target)
             # Only the callback fails here (no state): with its result page, not a 401;
             # /metrics is off unless enabled (a 404), and answers no token-less scraper
-            # other than loopback when on (tests/test_metrics.py).
-            expected = {"/oauth/callback": 400, "/metrics": 404}.get(path, 200)
+            # other than loopback when on (tests/test_metrics.py); /admin answers its own
+            # page saying how to get in (tests/test_admin_page.py), not the API's 401.
+            expected = {"/oauth/callback": 400, "/metrics": 404, "/admin": 401}.get(path, 200)
             assert r.status_code == expected, (path, r.text)
             assert "unauthorized" not in r.text, path
