@@ -1,8 +1,11 @@
 """An HTTP server for the benchmarks, in its own process (one uvicorn worker).
 
     python -m bench.serve broker --config config.yaml [--warm N] [--integration NAME]
-                                 [--broker-server]
-    python -m bench.serve bare --body-size N
+                                 [--broker-server] [--stack h11|fast]
+    python -m bench.serve bare --body-size N [--stack h11|fast]
+
+``--stack``: ``h11`` is uvicorn's pure-Python parser on asyncio's loop; ``fast`` (the
+default, what ``broker serve`` runs when they are installed) is httptools on uvloop.
 
 ``broker``: the real app (``broker.web.create_app``) over the store in ``config.yaml``.
 ``--warm N`` warms the credential cache the way the in-process benchmark does: start the
@@ -43,11 +46,16 @@ from broker.cli import quiet_gc
 ROUTE = "/groups/{group_id}/integrations/{name}/credentials"
 
 
-def uvicorn_config(app: Any) -> uvicorn.Config:
+STACKS = {"h11": ("h11", "asyncio"), "fast": ("httptools", "uvloop")}
+"""``--stack``: (uvicorn's ``http``, the event loop)."""
+
+
+def uvicorn_config(app: Any, stack: str = "fast") -> uvicorn.Config:
     """The same for both servers: ``broker serve``'s settings, logs at ``warning``."""
     return uvicorn.Config(
         app, log_level="warning", access_log=False, proxy_headers=False,
         server_header=False, backlog=4096, timeout_graceful_shutdown=2,
+        http=STACKS[stack][0],
     )
 
 
@@ -67,14 +75,15 @@ def bare_app(body_size: int) -> Starlette:
 
 
 async def serve(
-    app: Any, ready: dict[str, Any], before: Any = None, server: uvicorn.Server | None = None
+    app: Any, ready: dict[str, Any], before: Any = None, server: uvicorn.Server | None = None,
+    stack: str = "fast",
 ) -> None:
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     if server is None:
-        server = uvicorn.Server(uvicorn_config(app))
+        server = uvicorn.Server(uvicorn_config(app, stack))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -85,6 +94,8 @@ async def serve(
         ready.update(await before())
     quiet_gc()  # as ``broker serve`` does, for both servers
     ready["port"] = sock.getsockname()[1]
+    ready["loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    ready["http"] = server.config.http_protocol_class.__name__
     print("READY " + json.dumps(ready), flush=True)
     await task
 
@@ -97,13 +108,14 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--integration", default=None)
     parser.add_argument("--broker-server", action="store_true")
     parser.add_argument("--body-size", type=int, default=0)
+    parser.add_argument("--stack", choices=sorted(STACKS), default="fast")
     parser.add_argument("--prime", action="store_true",
                         help="one token request through the broker's client before READY")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
     if args.app == "bare":
-        await serve(bare_app(args.body_size), {})
+        await serve(bare_app(args.body_size), {}, stack=args.stack)
         return
 
     from broker.config import load_settings
@@ -138,11 +150,16 @@ async def main(argv: list[str]) -> None:
         server = build_server(app, settings.server, host="127.0.0.1", port=0,
                               log_level="warning")
     try:
-        await serve(app, {}, warm, server)
+        await serve(app, {}, warm, server, stack=args.stack)
     finally:
         await broker.close()
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(sys.argv[1:]))
+    from broker.cli.common import event_loop_factory
+
+    stack = sys.argv[sys.argv.index("--stack") + 1] if "--stack" in sys.argv else "fast"
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
+        loop_factory=event_loop_factory(STACKS[stack][1])
+    ) as runner:
+        runner.run(main(sys.argv[1:]))

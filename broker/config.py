@@ -122,6 +122,12 @@ class ServerSettings(_Model):
     max_connections: int = Field(default=2048, ge=1, le=1_000_000)
     """Connections served at once; a request on one more gets 503 and the connection is
     closed. Keep the process's open-file limit (``ulimit -n``) above it."""
+    http: Literal["auto", "httptools", "h11"] = "auto"
+    """The HTTP/1.1 parser: httptools (C; ``auto`` when installed) or h11 (pure Python).
+    Both have the deadlines above."""
+    loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop of ``broker serve`` and ``broker refresher``: uvloop (``auto`` when
+    installed) or asyncio's own."""
 
 
 class ProxySettings(_Model):

@@ -42,10 +42,18 @@ def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None
     assert {r["integration"] for r in hot["rows"]} == {"openweathermap", "acme"}
     assert all(r["cache_after_warm_up"]["entries"] >= r["connections"] for r in hot["rows"])
 
-    # 2. Both servers answered the same body, and no request failed.
+    # 2. Both stacks' servers answered the same body, were the stack they say (httptools
+    # on uvloop, h11 on asyncio), and no request failed.
     http = result(tmp_path, "http")
-    checks = http["response_check"]
-    assert checks["broker"] == checks["bare"] and checks["broker"]["status"] == 200
+    checks = list(http["response_check"].values())
+    assert len(checks) == 4 and all(c == checks[0] for c in checks)
+    assert checks[0]["status"] == 200
+    assert http["stacks"]["fast"]["served"] == {
+        "http": "HttpToolsProtocol", "loop": "uvloop",
+        "bare_http": "HttpToolsProtocol", "bare_loop": "uvloop"}
+    assert http["stacks"]["h11"]["served"] == {
+        "http": "H11Protocol", "loop": "asyncio",
+        "bare_http": "H11Protocol", "bare_loop": "asyncio"}
     assert http["errors"] == 0
 
     # 3. Every due connection refreshed once: one token request and one new version each.

@@ -24,6 +24,7 @@ from ..runtime import Broker
 __all__ = [
     "config_invalid",
     "config_option",
+    "event_loop_factory",
     "load_config",
     "run",
     "service_tokens",
@@ -61,11 +62,26 @@ def load_config(config_path: Path | None) -> Settings:
     return settings
 
 
-def run(coro: Awaitable[T]) -> T:
-    """``asyncio.run(coro)``; the broker's errors and an unreachable database exit 1 with
-    one line saying what went wrong."""
+def event_loop_factory(loop: str) -> Callable[[], Any] | None:
+    """A new-event-loop function for ``server.loop``: ``uvloop``, ``asyncio``, or ``auto``
+    (uvloop when installed); None for asyncio's default."""
+    if loop == "asyncio":
+        return None
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise RuntimeError("server.loop is uvloop, which is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run(coro: Awaitable[T], *, loop_factory: Callable[[], Any] | None = None) -> T:
+    """Run ``coro`` (on a loop from ``loop_factory``, else asyncio's); the broker's errors
+    and an unreachable database exit 1 with one line saying what went wrong."""
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coro)  # type: ignore[arg-type]
     except BrokerError as exc:
         click.echo(f"broker: {exc}", err=True)
         sys.exit(1)

@@ -6,13 +6,24 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import click
 
 from ..errors import ConfigError
 from ..runtime import Broker
-from .common import config_invalid, config_option, load_config, run, service_tokens
+from .common import (
+    config_invalid,
+    config_option,
+    event_loop_factory,
+    load_config,
+    run,
+    service_tokens,
+    with_broker,
+)
+from .workers import bind, supervise
 
 __all__ = ["quiet_gc", "refresher", "serve"]
 
@@ -29,7 +40,13 @@ log = logging.getLogger("broker")
     show_default=True,
     help="Run the refresh sweep in this process (off when `broker refresher` runs apart).",
 )
-def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None:
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+    help="Processes serving the port (one per core to use; see README, \"Workers\").",
+)
+def serve(
+    config_path: Path | None, host: str, port: int, refresh: bool, workers: int
+) -> None:
     """Apply pending migrations and serve the HTTP API (and the refresh sweep)."""
     from ..web import create_app
     from ..web.server import build_server
@@ -42,22 +59,44 @@ def serve(config_path: Path | None, host: str, port: int, refresh: bool) -> None
             "is required when the database is not a SQLite file"
         ]))
 
-    async def serve_it() -> None:
-        broker = await Broker.open(settings)
+    loop_factory = event_loop_factory(settings.server.loop)
+
+    async def serve_it(sock: socket.socket | None = None, worker: int | None = None) -> None:
+        broker = await Broker.open(settings, migrate=sock is None)
         try:
             app = create_app(
-                broker, service_tokens=service_tokens(settings), refresher=refresh
+                broker, service_tokens=service_tokens(settings), refresher=refresh,
+                worker=worker,
             )
             server = build_server(
                 app, settings.server, host=host, port=port, log_level=settings.log_level
             )
-            log.info("serving on http://%s:%d (public_url %s)", host, port, settings.public_url)
+            if worker is None:
+                log.info("serving on http://%s:%d (public_url %s)", host, port,
+                         settings.public_url)
             quiet_gc()
-            await server.serve()
+            await server.serve(sockets=[sock] if sock is not None else None)
         finally:
             await broker.close()
 
-    run(serve_it())
+    if workers == 1:
+        run(serve_it(), loop_factory=loop_factory)
+        return
+
+    async def prepare(broker: Broker) -> None:
+        service_tokens(settings)  # the SQLite token file, created once, before the fork
+
+    # Migrations, the key file and the token file: once, in the parent.
+    run(with_broker(settings, prepare))
+    sock = bind(host, port)
+    log.info("serving on http://%s:%d with %d workers (public_url %s)", host, port, workers,
+             settings.public_url)
+
+    def work(index: int) -> int:
+        run(serve_it(sock, index), loop_factory=loop_factory)
+        return 0
+
+    sys.exit(supervise(workers, work))
 
 
 def quiet_gc() -> None:
@@ -92,4 +131,4 @@ def refresher(config_path: Path | None) -> None:
             await sweeper.aclose()  # lets refreshes in flight finish
             await broker.close()
 
-    run(sweep_only())
+    run(sweep_only(), loop_factory=event_loop_factory(settings.server.loop))

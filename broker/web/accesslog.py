@@ -47,23 +47,28 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            client = scope.get("client")
-            proxied = (scope.get("state") or {}).get(LOG_KEY) or {}
-            took = time.perf_counter() - started
-            address = escape_control(str(client[0])) if client else "-"
-            method = escape_control(scope.get("method", "-"))
-            path = escape_control(scope.get("path", "-"))
-            log.info(
-                '%s "%s %s" %d %.1fms%s', address, method, path, status, took * 1000,
-                _proxied(proxied) if proxied else "",
-                extra=fields(
-                    event="request", client=address, method=method, path=path,
-                    status=status, duration=took,
-                    integration=proxied.get("integration"),
-                    upstream_status=proxied.get("upstream_status"),
-                    refreshes=proxied.get("refreshes"),
-                ),
-            )
+            if log.isEnabledFor(logging.INFO):
+                self._log(scope, status, started)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        client = scope.get("client")
+        proxied = (scope.get("state") or {}).get(LOG_KEY) or {}
+        took = time.perf_counter() - started
+        address = escape_control(str(client[0])) if client else "-"
+        method = escape_control(scope.get("method", "-"))
+        path = escape_control(scope.get("path", "-"))
+        log.info(
+            '%s "%s %s" %d %.1fms%s', address, method, path, status, took * 1000,
+            _proxied(proxied) if proxied else "",
+            extra=fields(
+                event="request", client=address, method=method, path=path,
+                status=status, duration=took,
+                integration=proxied.get("integration"),
+                upstream_status=proxied.get("upstream_status"),
+                refreshes=proxied.get("refreshes"),
+            ),
+        )
 
 
 def _proxied(info: dict[str, object]) -> str:

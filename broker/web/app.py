@@ -116,8 +116,11 @@ def _describe(integration: Integration, group_id: str, status: Any) -> dict[str,
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness: the process answers (nothing else is asked)."""
-    return JSONResponse({"status": "ok"})
+    """Liveness: the process answers (nothing else is asked). Under ``--workers N`` it
+    says which worker answered (0..N-1)."""
+    worker = getattr(request.app.state, "worker", None)
+    return JSONResponse({"status": "ok"} if worker is None else {"status": "ok",
+                                                                  "worker": worker})
 
 
 READY_TIMEOUT = 5.0
@@ -220,7 +223,9 @@ async def credentials(request: Request) -> Response:
     require_service(request)
     group_id = group_id_of(request)
     integration = integration_of(request, group_id)
-    force = request.query_params.get("force_refresh", "").lower() in ("1", "true", "yes")
+    force = bool(request.scope["query_string"]) and (
+        request.query_params.get("force_refresh", "").lower() in ("1", "true", "yes")
+    )
     data = await broker_of(request).credentials(group_id, integration.key, force_refresh=force)
     return JSONResponse({"credentials": data}, headers=NO_STORE)
 
@@ -277,11 +282,13 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    broker: Broker, *, service_tokens: list[str] | None = None, refresher: bool = False
+    broker: Broker, *, service_tokens: list[str] | None = None, refresher: bool = False,
+    worker: int | None = None,
 ) -> Starlette:
     """The HTTP app over an open ``broker``. The caller closes the broker.
 
-    ``refresher=True`` runs the refresh sweep while the app runs (``broker serve``).
+    ``refresher=True`` runs the refresh sweep while the app runs (``broker serve``);
+    ``worker``: this process's index under ``broker serve --workers N``.
     """
     tokens = service_tokens
     if tokens is None:
@@ -309,6 +316,12 @@ def create_app(
             ) from None
 
     routes = [
+        # The hot routes first: Starlette tries each route in order until one matches.
+        Route("/groups/{group_id}/integrations/{name}/credentials", credentials),
+        Route(
+            "/groups/{group_id}/integrations/{name}/proxy/{path:path}", proxy,
+            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        ),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
@@ -320,15 +333,10 @@ def create_app(
             disconnect,
             methods=["POST"],
         ),
-        Route("/groups/{group_id}/integrations/{name}/credentials", credentials),
         Route("/groups/{group_id}/integrations/{name}/authorize", create_ticket,
               methods=["POST"]),
         Route("/groups/{group_id}/integrations/{name}/authorize", authorize_link),
         Route("/groups/{group_id}/events", events),
-        Route(
-            "/groups/{group_id}/integrations/{name}/proxy/{path:path}", proxy,
-            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-        ),
         Route("/connect-sessions", create_connect_session, methods=["POST"]),
         Route("/connect-sessions/current", current_session),
         Route("/oauth/start", start_page_route),
@@ -378,4 +386,5 @@ def create_app(
     # a client forges at will. Paths with a trailing slash are a plain 404.
     app.router.redirect_slashes = False
     app.state.broker = broker
+    app.state.worker = worker
     return app

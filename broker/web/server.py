@@ -21,9 +21,14 @@ the body. One deadline at a time, chosen from what h11 says the client owes:
 - none while the client owes nothing (the app is working, or the response is going out).
 
 When a deadline passes the connection is closed; an app waiting for the rest of a body
-sees the client disconnect. The protocol is pinned to h11 whatever else is installed
-(``httptools``, if present, would be picked by uvicorn's "auto" and has no such timer), and
-WebSocket upgrades are off (the broker has none).
+sees the client disconnect. WebSocket upgrades are off (the broker has none).
+
+Two parsers carry the same deadlines (``server.http``): uvicorn's ``httptools`` protocol
+(the C parser, ``DeadlineHttpToolsProtocol``: the default when httptools is installed, as
+it is with the broker) and its pure-Python ``h11`` one (``DeadlineH11Protocol``). uvicorn's
+own protocols are never used bare: they have no such timer. ``server.loop`` picks the event
+loop ``broker serve`` runs on: uvloop when installed (``auto``), else asyncio's
+(``cli.common.event_loop_factory``).
 
 ``server.max_connections`` is checked when a request arrives: with that many other
 connections open, the request gets the broker's JSON 503 (``service_unavailable``) with
@@ -46,23 +51,70 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+try:  # the C parser; without it, h11 (the same deadlines either way)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - httptools is a dependency
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
 from ..config import ServerSettings
 from ..errors import ServiceUnavailable
 
-__all__ = ["DeadlineH11Protocol", "build_server"]
+__all__ = [
+    "DeadlineH11Protocol", "DeadlineHttpToolsProtocol", "build_server", "protocol_class",
+]
 
 log = logging.getLogger("broker.web.server")
 Phase = Literal["head", "body"]
 
 
-class DeadlineH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a read deadline for each request's head and body, and a
-    cap on connections (see the module docstring). ``build_server`` makes a subclass with
-    the configured values; the class attributes are those of a default config."""
+class _Deadlines:
+    """The timer both protocols share: one read deadline at a time (see the module
+    docstring), and the cap on connections. ``build_server`` makes a subclass of a protocol
+    with the configured values; the class attributes are those of a default config."""
 
     header_timeout: float = ServerSettings().header_timeout_seconds
     body_timeout: float = ServerSettings().body_timeout_seconds
     max_connections: int | None = None
+
+    # Set by uvicorn's protocol classes.
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+    app: Any
+    connections: set[Any]
+
+    def _setup_deadlines(self) -> None:
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase: Phase | None = None
+        if self.max_connections is not None:
+            self.app = _Capped(self.app, self.connections, self.max_connections)
+
+    def _arm(self, phase: Phase) -> None:
+        self._disarm()
+        timeout = self.header_timeout if phase == "head" else self.body_timeout
+        self._phase = phase
+        self._deadline = self.loop.call_later(timeout, self._expired, phase, timeout)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None
+        self._phase = None
+
+    def _expired(self, phase: Phase, timeout: float) -> None:
+        self._deadline = None
+        self._phase = None
+        if self.transport.is_closing():
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        what = "a request head" if phase == "head" else "a request body"
+        log.info("closed the connection from %s: %s took over %g s", client, what, timeout)
+        self.transport.close()
+
+
+class DeadlineH11Protocol(_Deadlines, H11Protocol):
+    """uvicorn's h11 protocol with the read deadlines and the cap (h11 says what the
+    client owes: its head, its body, or nothing)."""
 
     def __init__(
         self,
@@ -72,10 +124,7 @@ class DeadlineH11Protocol(H11Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._deadline: asyncio.TimerHandle | None = None
-        self._phase: Phase | None = None
-        if self.max_connections is not None:
-            self.app = _Capped(self.app, self.connections, self.max_connections)
+        self._setup_deadlines()
 
     # asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -110,27 +159,63 @@ class DeadlineH11Protocol(H11Protocol):
             # The body of a request answered before it was read has ended: next request.
             self._disarm()
 
-    def _arm(self, phase: Phase) -> None:
-        self._disarm()
-        timeout = self.header_timeout if phase == "head" else self.body_timeout
-        self._phase = phase
-        self._deadline = self.loop.call_later(timeout, self._expired, phase, timeout)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._deadline = None
-        self._phase = None
+if HttpToolsProtocol is not None:
 
-    def _expired(self, phase: Phase, timeout: float) -> None:
-        self._deadline = None
-        self._phase = None
-        if self.transport.is_closing():
-            return
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-        what = "a request head" if phase == "head" else "a request body"
-        log.info("closed the connection from %s: %s took over %g s", client, what, timeout)
-        self.transport.close()
+    class DeadlineHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
+        """uvicorn's httptools protocol with the read deadlines and the cap: the head's
+        deadline from the connection (or the next request's first byte) to the end of its
+        headers, the body's from there to the end of the message."""
+
+        def __init__(
+            self,
+            config: Config,
+            server_state: ServerState,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            super().__init__(config, server_state, app_state, _loop)
+            self._setup_deadlines()
+            self._in_message = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm("head")
+
+        def data_received(self, data: bytes) -> None:
+            if self._phase is None and not self._in_message:
+                self._arm("head")  # the next request's first byte on a kept-alive connection
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            self._in_message = True
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._arm("body")  # ended at once by on_message_complete when there is none
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            self._disarm()
+            super().on_message_complete()
+
+else:  # pragma: no cover
+    DeadlineHttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+
+def protocol_class(http: str) -> type[Any]:
+    """The protocol for ``server.http``: ``httptools``, ``h11``, or ``auto`` (httptools
+    when installed)."""
+    if http == "h11" or (http == "auto" and DeadlineHttpToolsProtocol is None):
+        return DeadlineH11Protocol
+    if DeadlineHttpToolsProtocol is None:
+        raise RuntimeError("server.http is httptools, which is not installed")
+    return DeadlineHttpToolsProtocol
 
 
 class _Capped:
@@ -175,9 +260,10 @@ def build_server(
     app: ASGIApp, limits: ServerSettings, *, host: str, port: int, log_level: str
 ) -> uvicorn.Server:
     """The uvicorn server ``broker serve`` runs ``app`` under, with ``limits`` applied."""
+    base = protocol_class(limits.http)
     protocol = type(
-        "BrokerH11Protocol",
-        (DeadlineH11Protocol,),
+        f"Broker{base.__name__.removeprefix('Deadline')}",
+        (base,),
         {
             "header_timeout": limits.header_timeout_seconds,
             "body_timeout": limits.body_timeout_seconds,

@@ -27,6 +27,7 @@ GIVE_UP = 20.0  # a trickle still connected after this long was never going to b
 CONFIG = f"""\
 log_level: info
 server:
+  http: {{http}}
   header_timeout_seconds: {HEADER_TIMEOUT}
   body_timeout_seconds: {BODY_TIMEOUT}
   keep_alive_seconds: {KEEP_ALIVE}
@@ -34,9 +35,13 @@ server:
 """
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with served_broker(tmp_path_factory.mktemp("serve"), CONFIG) as served:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """``broker serve`` with each HTTP parser: both carry the same deadlines."""
+    config = CONFIG.replace("{http}", request.param)
+    with served_broker(tmp_path_factory.mktemp("serve"), config) as served:
         yield served
 
 
