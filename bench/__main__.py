@@ -31,6 +31,7 @@ BENCHMARKS = {
     "burst": "bench.burst",
     "retention": "bench.retention",
     "proxy": "bench.proxy",
+    "workers": "bench.workers",
 }
 
 

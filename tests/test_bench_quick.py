@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst", "retention", "proxy"}
+BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst", "retention", "proxy", "workers"}
 
 
 def result(out: Path, name: str) -> dict[str, Any]:
@@ -55,6 +55,10 @@ def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None
         "http": "H11Protocol", "loop": "asyncio",
         "bare_http": "H11Protocol", "bare_loop": "asyncio"}
     assert http["errors"] == 0
+
+    # 8. Both servers answered every request, and two workers were both reached.
+    workers = result(tmp_path, "workers")
+    assert workers["errors"] == 0 and workers["workers_reached"] == {"1": 1, "2": 2}
 
     # 3. Every due connection refreshed once: one token request and one new version each.
     for store in result(tmp_path, "refresh")["results"]:
