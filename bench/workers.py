@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from .common import (
     write_config,
 )
 from .http_route import PATH, populate
-from .loadgen import run_python
+from .loadgen import lua_script, run_python, run_wrk
 
 NAME = "workers"
 TARGET = 1.6
@@ -73,18 +74,30 @@ def start(config: Path, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
-def warm(url: str, n: int) -> int:
-    """Read every connection through enough new connections to reach every worker; the
-    number of workers seen."""
-    seen: set[int] = set()
-    for _ in range(8):
-        with httpx.Client(base_url=url, timeout=10,
-                          headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as client:
-            seen.add(int(client.get("/healthz").json().get("worker", 0)))
+def warm(url: str, n: int, workers: int) -> int:
+    """Read every connection through each worker (new connections, all held open, until
+    every worker has one: the kernel picks who accepts); the number of workers reached."""
+    headers = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    clients: dict[int, httpx.Client] = {}
+    spare: list[httpx.Client] = []
+    try:
+        for _ in range(64):
+            client = httpx.Client(base_url=url, timeout=10, headers=headers)
+            worker = int(client.get("/healthz").json().get("worker", 0))
+            if worker in clients:
+                spare.append(client)
+            else:
+                clients[worker] = client
+            if len(clients) == workers:
+                break
+        for client in clients.values():
             for i in range(n):
                 r = client.get(PATH.replace("{group}", group_of(i)))
                 assert r.json()["credentials"]["api_key"] == api_key_of(i)
-    return len(seen)
+        return len(clients)
+    finally:
+        for client in [*clients.values(), *spare]:
+            client.close()
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -96,14 +109,22 @@ def run(opts: Options) -> dict[str, Any]:
         directory = Path(tmp)
         config = write_config(directory, database_url=sqlite_url(directory / "broker.db"))
         asyncio.run(populate(config, n))
+        script = directory / "creds.lua"
+        script.write_text(lua_script(PATH, n, SERVICE_TOKEN, opts.seed))
+        use_wrk = shutil.which("wrk") is not None and not os.environ.get("BENCH_NO_WRK")
+
+        def load_run(url: str, secs: float) -> dict[str, Any]:
+            if use_wrk:
+                return run_wrk(url, script, seconds=secs, connections=CONNECTIONS, cpu=None)
+            return run_python(url, PATH, n, SERVICE_TOKEN, seconds=secs,
+                              connections=CONNECTIONS, cpu=None, seed=opts.seed)
+
         servers = {w: start(config, w) for w in (1, 2)}
         try:
-            reached = {w: warm(url, n) for w, (_, url) in servers.items()}
+            reached = {w: warm(url, n, w) for w, (_, url) in servers.items()}
             for r in range(rounds):
                 order = (1, 2) if r % 2 == 0 else (2, 1)
-                got = {w: run_python(servers[w][1], PATH, n, SERVICE_TOKEN, seconds=seconds,
-                                     connections=CONNECTIONS, cpu=None, seed=opts.seed)
-                       for w in order}
+                got = {w: load_run(servers[w][1], seconds) for w in order}
                 runs.append({"one": got[1], "two": got[2],
                              "ratio": got[2]["requests_per_s"] / got[1]["requests_per_s"]})
         finally:
@@ -117,6 +138,7 @@ def run(opts: Options) -> dict[str, Any]:
         "connections_stored": n, "http_connections": CONNECTIONS, "seconds_per_run": seconds,
         "rounds": rounds, "runs": runs, "workers_reached": reached, "ratio": median(ratios),
         "errors": errors, "generator_cpu_fraction_max": gen, "target": TARGET,
+        "generator": "wrk" if use_wrk else "python (bench.loadgen)",
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "summary": {"ratio": median(ratios), "target": TARGET, "errors": errors,
                     "workers_reached": reached},
@@ -136,9 +158,9 @@ def run(opts: Options) -> dict[str, Any]:
             f"{reached[2]} of 2), random group per request; {CONNECTIONS} keep-alive "
             f"connections; {seconds} s per run; {rounds} rounds (ABBA order); "
             "`python -m broker serve --workers N --no-refresh`, SQLite, httptools on uvloop.",
-            f"{data['cpus']} CPUs shared by the servers and the generator (python "
-            f"bench.loadgen, unpinned; its CPU use at most {gen:.0%} of one core): on 2 "
-            "cores the generator takes much of the second core a second worker would use.",
+            f"{data['cpus']} CPUs shared by the servers and the generator ({data['generator']}, "
+            f"unpinned; its CPU use at most {gen:.0%} of one core): on 2 cores the generator "
+            "takes part of the second core a second worker would use.",
             f"Non-2xx or socket errors: {errors}.",
         ],
     )
