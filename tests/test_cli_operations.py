@@ -205,3 +205,36 @@ def test_doctor_decisions() -> None:
     late = check_clock(now, now + timedelta(seconds=30))
     assert not late.ok and late.warning and "+30.0 s" in late.detail
 
+
+
+async def test_admin_link_is_one_time_on_either_store(
+    store_url: str, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """``broker admin-link`` against the store itself (the browser test runs on SQLite):
+    the printed token opens one session, once, and only its hash is stored."""
+    from sqlalchemy import select
+
+    from broker.admin import redeem_link, session_ends
+    from broker.store.models import AdminGrant
+
+    settings = make_settings(database_url=store_url, public_url="https://broker.example.com")
+    await seed(settings, [])
+    printed = run(tmp_path, "admin-link")
+    assert printed.returncode == 0, printed.stderr
+    url = printed.stdout.strip()
+    assert url.startswith("https://broker.example.com/admin/enter#bal_")
+    token = url.split("#", 1)[1]
+    broker = await Broker.open(settings)
+    try:
+        async with broker.session() as db:
+            stored = list(await db.scalars(select(AdminGrant.token_hash)))
+        assert len(stored) == 1 and token not in stored[0]
+        async with broker.session() as db, db.begin():
+            session = await redeem_link(db, token, now=broker.now())
+        assert session is not None and session.startswith("bas_")
+        async with broker.session() as db, db.begin():
+            assert await redeem_link(db, token, now=broker.now()) is None  # used
+            ends = await session_ends(db, session, now=broker.now())
+        assert ends is not None and ends > broker.now() + timedelta(minutes=59)
+    finally:
+        await broker.close()
