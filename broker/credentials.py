@@ -139,9 +139,9 @@ class Credentials:
     ) -> dict[str, Any]:
         """What a node gets (see the module doc). ``use_cache=False`` always reads the row."""
         key = integration.key
-        reads = self.broker.metrics.credential_reads
+        metrics = self.broker.metrics
         if not use_cache or force_refresh:
-            reads.labels("store").inc()
+            metrics.reads_from_store.inc()
             auth_type, data = await self._load(
                 group_id, integration, force=force_refresh, use_cache=use_cache
             )
@@ -149,20 +149,20 @@ class Credentials:
         entry = self.cache.get((group_id, key))
         if entry is not None:
             if not _renewed(entry.auth_type):
-                reads.labels("cache").inc()
+                metrics.reads_from_cache.inc()
                 return _view(entry.auth_type, entry.data)
             if entry.status == "reauth_required":
                 raise IntegrationNeedsReauth(key, integration.name)
             if not self._stale(entry.data):
-                reads.labels("cache").inc()
+                metrics.reads_from_cache.inc()
                 return _view(entry.auth_type, entry.data)
-            reads.labels("store").inc()
+            metrics.reads_from_store.inc()
             # Cached but due: straight to the refresh, which reads the row under its lease.
             return _view(
                 entry.auth_type,
                 await self.refresh(group_id, integration, seen_version=entry.version),
             )
-        reads.labels("store").inc()
+        metrics.reads_from_store.inc()
         flight = (group_id, key)
         started = self._loads.started(flight)
         if started is None:

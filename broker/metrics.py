@@ -56,6 +56,9 @@ class Metrics:
         self.credential_reads = Counter(
             "broker_credential_reads", "Credentials handed out, by where they came from.",
             ["source"], registry=r)
+        # The hot path's two children, bound once (``labels()`` costs a lock and a lookup).
+        self.reads_from_cache = self.credential_reads.labels("cache")
+        self.reads_from_store = self.credential_reads.labels("store")
         self.proxy_requests = Counter(
             "broker_proxy_requests", "Proxied provider API calls by upstream status.",
             ["integration", "status"], registry=r)
