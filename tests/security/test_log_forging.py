@@ -70,9 +70,12 @@ async def test_control_characters_from_a_request_are_escaped_one_line_per_record
         for encoded in CONTROLS:
             status = await send_raw(url, get(f"/groups/g{encoded}1/integrations"))
             assert status.startswith(b"HTTP/1.1 401"), status
-        # A header reaches the app (no log line prints one); a method the server refuses.
+        # A header with control characters: h11 passes it to the app (no log line prints a
+        # header); httptools (the C parser, uvicorn's default when installed) refuses it
+        # with a 400 before the app. A method the server refuses.
         status = await send_raw(url, get("/h", header=b"X-Test: a\x1b[2Kb\x7f"))
-        assert status.startswith(b"HTTP/1.1 401"), status
+        header_reached_app = status.startswith(b"HTTP/1.1 401")
+        assert header_reached_app or status.startswith(b"HTTP/1.1 400"), status
         status = await send_raw(url, get("/m", method=b"G\x01T"))
         assert status.startswith(b"HTTP/1.1 400"), status
 
@@ -81,11 +84,12 @@ async def test_control_characters_from_a_request_are_escaped_one_line_per_record
         assert re.match(RECORD_START, line), f"a line that starts no record: {line!r}"
         assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]", line), line
     access = [line for line in lines if " broker.access: " in line]
-    assert len(access) == 2 + len(CONTROLS), lines
+    assert len(access) == 1 + len(CONTROLS) + header_reached_app, lines
     assert access[0].split(": ", 1)[1].startswith('127.0.0.1 "GET /x\\n2026-01-01 00:00:00,000')
-    for line, escaped in zip(access[1:-1], CONTROLS.values(), strict=True):
+    for line, escaped in zip(access[1:1 + len(CONTROLS)], CONTROLS.values(), strict=True):
         assert f'"GET /groups/g{escaped}1/integrations" 401 ' in line, line
-    assert '"GET /h" 401 ' in access[-1]
+    if header_reached_app:
+        assert '"GET /h" 401 ' in access[-1]
 
 
 async def test_json_lines_stay_one_record_each_with_the_path_as_a_field(
