@@ -129,6 +129,19 @@ class Credentials:
 
     # --- handing out ---------------------------------------------------------------------
 
+    def cached(self, group_id: str, key: str) -> dict[str, Any] | None:
+        """What a node gets, when the cache can hand it out with no I/O at all (a trusted
+        entry that is not a renewable token, or one still fresh); None otherwise, and the
+        caller takes the whole path (``get``)."""
+        entry = self.cache.get((group_id, key))
+        if entry is None or (
+            _renewed(entry.auth_type)
+            and (entry.status == "reauth_required" or self._stale(entry.data))
+        ):
+            return None
+        self.broker.metrics.reads_from_cache.inc()
+        return _view(entry.auth_type, entry.data)
+
     async def get(
         self,
         group_id: str,
@@ -146,16 +159,13 @@ class Credentials:
                 group_id, integration, force=force_refresh, use_cache=use_cache
             )
             return _view(auth_type, data)
+        view = self.cached(group_id, key)
+        if view is not None:
+            return view
         entry = self.cache.get((group_id, key))
         if entry is not None:
-            if not _renewed(entry.auth_type):
-                metrics.reads_from_cache.inc()
-                return _view(entry.auth_type, entry.data)
             if entry.status == "reauth_required":
                 raise IntegrationNeedsReauth(key, integration.name)
-            if not self._stale(entry.data):
-                metrics.reads_from_cache.inc()
-                return _view(entry.auth_type, entry.data)
             metrics.reads_from_store.inc()
             # Cached but due: straight to the refresh, which reads the row under its lease.
             return _view(

@@ -59,6 +59,7 @@ from .auth import ServiceTokenMiddleware, TokenSet, principal, require_service
 from .bodies import read_json_object, replay
 from .connect import connect_page, create_connect_session, current_session
 from .context import NO_STORE, broker_of, group_id_of, integration_of, targets
+from .fastpath import CredentialsFastPath
 from .metrics import metrics
 from .openapi import openapi
 from .pages import result_page
@@ -315,6 +316,7 @@ def create_app(
                 "The credential store is unavailable. Try again shortly."
             ) from None
 
+    token_set = TokenSet(tokens)
     routes = [
         # The hot routes first: Starlette tries each route in order until one matches.
         Route("/groups/{group_id}/integrations/{name}/credentials", credentials),
@@ -352,9 +354,12 @@ def create_app(
         routes=routes,
         middleware=[
             Middleware(AccessLog),
+            # Inside the access log, before everything else: a node's read of a warm
+            # connection answered from the cache (falls through for anything else).
+            Middleware(CredentialsFastPath, broker, token_set),
             Middleware(
                 ServiceTokenMiddleware,
-                TokenSet(tokens),
+                token_set,
                 PUBLIC_PATHS,
                 public_prefixes=PUBLIC_PREFIXES,
                 find_session=find,
