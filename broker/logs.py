@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -175,8 +176,6 @@ class JsonLineFormatter(JsonFormatter):
         )
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        from datetime import UTC, datetime
-
         stamp = datetime.fromtimestamp(record.created, UTC)
         return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

@@ -10,7 +10,7 @@ when ``metrics.enabled`` (see ``web.metrics``).
     broker_proxy_request_duration_seconds{integration}
     broker_webhook_deliveries_total{outcome}         delivered, retry, failed
     broker_events_pruned_total
-    broker_connections{integration, status}          from the database, at each scrape
+    broker_connections{integration, status}          shown status (overview), at each scrape
     broker_connections_overdue                       connected rows whose next refresh is
                                                      more than one sweep interval past: the
                                                      sweep's lag (alert on > 0 for 5 minutes)
@@ -74,11 +74,10 @@ class Metrics:
 
     async def scrape(self, database: Database, *, now: datetime, interval: float) -> bytes:
         """The text exposition: the counters, and gauges read from ``database`` now."""
+        from .overview import counts_by_status
+
         async with database.session() as db:
-            by_status = (await db.execute(
-                select(Connection.integration, Connection.status, func.count())
-                .group_by(Connection.integration, Connection.status)
-            )).all()
+            by_status = await counts_by_status(db, now=now)
             overdue = int(await db.scalar(
                 select(func.count()).select_from(Connection).where(
                     Connection.status == "connected",
@@ -88,8 +87,9 @@ class Metrics:
         connections = GaugeMetricFamily(
             "broker_connections", "Connections by integration and status.",
             labels=["integration", "status"])
-        for integration, status, count in by_status:
-            connections.add_metric([str(integration), str(status)], int(count))
+        for integration, per in by_status.items():
+            for status, count in per.items():
+                connections.add_metric([integration, status], count)
         lag = GaugeMetricFamily(
             "broker_connections_overdue",
             "Connected rows whose next refresh is more than one sweep interval past.",

@@ -22,6 +22,7 @@ __all__ = [
     "OUTCOME_KINDS",
     "Overview",
     "connection_rows",
+    "counts_by_status",
     "hour_starts",
     "overview",
 ]
@@ -39,6 +40,7 @@ _COLUMNS = (
 
 
 def _unavailable(now: datetime) -> Any:
+    """``refresh.shown_status``'s rule for ``unavailable``, as SQL (to filter and count)."""
     return and_(Connection.status == "connected", Connection.last_error.is_not(None),
                 Connection.expires_at <= now)
 
@@ -102,21 +104,28 @@ class Overview:
     recent: list[dict[str, Any]] = field(default_factory=list)
 
 
-async def overview(
-    db: AsyncSession, *, now: datetime, attention_limit: int = 100, recent_limit: int = 50
-) -> Overview:
-    """Counts by provider and shown status, the connections needing attention, refresh
-    outcomes per hour over 24 hours, and the newest events."""
-    found = Overview(now=now)
+async def counts_by_status(db: AsyncSession, *, now: datetime) -> dict[str, dict[str, int]]:
+    """Connections per integration and shown status (``unavailable`` included), counted in
+    the database: ``/admin``'s table and the ``broker_connections`` gauge."""
     counts = (await db.execute(
         select(Connection.integration, Connection.status,
                _unavailable(now).label("unavailable"), func.count())
         .group_by(Connection.integration, Connection.status, "unavailable")
     )).all()
+    found: dict[str, dict[str, int]] = {}
     for integration, status, unavailable, count in counts:
         shown = "unavailable" if unavailable else status
-        per = found.by_provider.setdefault(integration, {})
+        per = found.setdefault(integration, {})
         per[shown] = per.get(shown, 0) + int(count)
+    return found
+
+
+async def overview(
+    db: AsyncSession, *, now: datetime, attention_limit: int = 100, recent_limit: int = 50
+) -> Overview:
+    """Counts by provider and shown status, the connections needing attention, refresh
+    outcomes per hour over 24 hours, and the newest events."""
+    found = Overview(now=now, by_provider=await counts_by_status(db, now=now))
     attention = select(*_COLUMNS).where(
         Connection.status.in_(["reauth_required", "corrupt"]) | _unavailable(now)
     ).order_by(Connection.updated_at.desc()).limit(attention_limit)

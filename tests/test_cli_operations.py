@@ -238,3 +238,15 @@ async def test_admin_link_is_one_time_on_either_store(
         assert ends is not None and ends > broker.now() + timedelta(minutes=59)
     finally:
         await broker.close()
+
+
+def test_doctor_on_a_fresh_sqlite_deployment_creates_nothing(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}",
+                  encryption_keys=[], public_url="https://broker.example.com")
+    fresh = run(tmp_path, "doctor")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "fresh.db is created at the first start" in fresh.stdout
+    assert "fresh.key is created at the first start" in fresh.stdout
+    assert not (tmp_path / "fresh.db").exists() and not (tmp_path / "fresh.key").exists()

@@ -94,3 +94,27 @@ async def test_who_may_scrape(live_factory: Callable[..., Any]) -> None:
         assert (await scrape(live, token=None)).status_code == 403
     async with live_factory() as live:  # off by default
         assert (await scrape(live, token=None)).status_code == 404
+
+
+async def test_the_connections_gauge_counts_the_status_people_see(broker: Any) -> None:
+    """``unavailable`` (connected, refreshes failing, token run out) is derived, not stored:
+    the gauge counts it as the API, the CLI and /admin show it."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from broker.store.models import Connection
+
+    async with broker.session() as db, db.begin():
+        for group in ("g1", "g2", "g3"):
+            await broker.repository.put(db, group, "openweathermap", {"api_key": "k" * 32},
+                                        auth_type="apikey", hint={})
+        await db.execute(update(Connection).where(Connection.group_id == "g2").values(
+            last_error="http_503", expires_at=broker.now() - timedelta(minutes=1)))
+    text = (await broker.metrics.scrape(broker.database, now=broker.now(),
+                                        interval=30.0)).decode()
+    got = samples(text)
+    assert got[("broker_connections",
+                (("integration", "openweathermap"), ("status", "connected")))] == 2
+    assert got[("broker_connections",
+                (("integration", "openweathermap"), ("status", "unavailable")))] == 1

@@ -123,56 +123,58 @@ def check_redirects(settings: Settings) -> list[Check]:
     return checks
 
 
-async def _database_checks(settings: Settings) -> list[Check]:
+def _key_checks(settings: Settings, stored: dict[str, int]) -> list[Check]:
+    """The configured keys (or the key file) against the key ids of the stored rows."""
     from ..crypto import load_or_create_key_file
+
+    key_file = settings.default_key_file()
+    try:
+        keys = [parse_key(k.get_secret_value(), where=f"encryption_keys[{i}]")
+                for i, k in enumerate(settings.encryption_keys)]
+        if not keys and key_file is not None and key_file.exists():
+            keys = [load_or_create_key_file(key_file, may_create=False)[0]]
+    except BrokerError as exc:  # names the key's place, never the key
+        return [Check("encryption keys", False, str(exc),
+                      "put a key from `broker keys generate` there")]
+    if keys:
+        return check_keys(Keyring(keys).key_ids, stored)
+    if key_file is None:
+        return [Check("encryption keys", False, "encryption_keys is empty",
+                      "set encryption_keys (`broker keys generate`)")]
+    if not stored:
+        return [Check("encryption keys", True,
+                      f"no key yet: {key_file} is created at the first start")]
+    return [Check("encryption keys", False, f"{key_file} is missing and credentials are stored",
+                  "restore the key file from its backup (or set encryption_keys)")]
+
+
+async def _database_checks(settings: Settings) -> list[Check]:
     from ..store.database import Database
     from ..store.repository import utcnow
 
-    checks: list[Check] = []
+    sqlite = settings.sqlite_path()
+    if sqlite is not None and not sqlite.exists():
+        # Connecting would create the file: doctor creates nothing.
+        return [Check("database", True, f"{sqlite} is created at the first start"),
+                *_key_checks(settings, {})]
     database = Database(settings.database_url)
     try:
         try:
-            local_before = utcnow()
-            server = await database.server_time() if not database.is_sqlite else local_before
-            local = local_before + (utcnow() - local_before) / 2
+            pending = await database.pending_migrations()  # connects, on every backend
         except Exception as exc:  # every failure to connect is the finding
-            return [Check("database", False,
-                          f"cannot connect ({type(exc).__name__})",
+            return [Check("database", False, f"cannot connect ({type(exc).__name__})",
                           "check database_url, that the server runs and accepts this user")]
-        checks.append(Check("database", True, f"connected ({database.engine.url.drivername})"))
-        pending = await database.pending_migrations()
+        checks = [Check("database", True, f"connected ({database.engine.url.drivername})")]
         if pending:
             checks.append(Check("migrations", False, f"pending: {', '.join(pending)}",
                                 "run `broker db upgrade` (or start `broker serve`)"))
         else:
             checks.append(Check("migrations", True, "the schema is current"))
-        key_file = settings.default_key_file()
-        stored = await database.stored_key_ids()
-        try:
-            keys = [parse_key(k.get_secret_value(), where=f"encryption_keys[{i}]")
-                    for i, k in enumerate(settings.encryption_keys)]
-            if not keys and key_file is not None and key_file.exists():
-                keys = [load_or_create_key_file(key_file, may_create=False)[0]]
-        except BrokerError as exc:
-            checks.append(Check("encryption keys", False, str(exc),
-                                "put a key from `broker keys generate` there"))
-            keys = None
-        if keys is None:
-            pass
-        elif keys:
-            checks += check_keys(Keyring(keys).key_ids, stored)
-        elif key_file is not None:
-            checks.append(Check(
-                "encryption keys", not stored,
-                f"no key yet: {key_file} is created at the first start"
-                if not stored else f"{key_file} is missing and credentials are stored",
-                "restore the key file from its backup (or set encryption_keys)",
-            ))
-        else:
-            checks.append(Check("encryption keys", False, "encryption_keys is empty",
-                                "set encryption_keys (`broker keys generate`)"))
+        checks += _key_checks(settings, await database.stored_key_ids())
         if not database.is_sqlite:
-            checks.append(check_clock(local, server))
+            before = utcnow()
+            server = await database.server_time()
+            checks.append(check_clock(before + (utcnow() - before) / 2, server))
     finally:
         await database.dispose()
     return checks

@@ -97,7 +97,7 @@ def _when(value: str | None) -> str:
 
 def admin_body(found: Overview, *, session_ends: datetime) -> str:
     providers = sorted(found.by_provider.items())
-    statuses = [s for s in STATUS_ORDER] + sorted(
+    statuses = list(STATUS_ORDER) + sorted(
         {s for _, per in providers for s in per} - set(STATUS_ORDER)
     )
     provider_rows = [

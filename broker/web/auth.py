@@ -59,7 +59,12 @@ class Principal:
 
 
 def bearer_token(headers: Headers) -> str | None:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return bearer_of(headers.get("authorization", ""))
+
+
+def bearer_of(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value, or None."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()

@@ -26,8 +26,8 @@ GROUP_ID_MESSAGE = (
 )
 
 
-_GROUP_ID = re.compile(GROUP_ID_PATTERN)
-_INTEGRATION = re.compile(INTEGRATION_PATTERN)
+GROUP_ID = re.compile(GROUP_ID_PATTERN)
+INTEGRATION = re.compile(INTEGRATION_PATTERN)
 
 
 def broker_of(request: Request) -> Broker:
@@ -38,7 +38,7 @@ def broker_of(request: Request) -> Broker:
 def group_id_of(request: Request) -> str:
     """The path's group id, checked, and one the caller may act on."""
     group_id: str = request.path_params["group_id"]
-    if not _GROUP_ID.fullmatch(group_id):
+    if not GROUP_ID.fullmatch(group_id):
         raise InvalidInput(GROUP_ID_MESSAGE, field="group_id")
     require_group(request, group_id)
     return group_id
@@ -47,7 +47,7 @@ def group_id_of(request: Request) -> str:
 def integration_of(request: Request, group_id: str) -> Integration:
     """The path's integration, enabled, and one the caller may act on for ``group_id``."""
     name: str = request.path_params["name"]
-    if not _INTEGRATION.fullmatch(name):
+    if not INTEGRATION.fullmatch(name):
         raise UnknownIntegration(name[:64])
     require_group(request, group_id, name)
     return broker_of(request).registry.get(name)

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..integrations import GROUP_ID_PATTERN, INTEGRATION_PATTERN
 from ..sessions import SESSION_PREFIX
-from .auth import TokenSet
+from .auth import TokenSet, bearer_of
+from .context import GROUP_ID, INTEGRATION
 
 if TYPE_CHECKING:
     from ..runtime import Broker
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["CredentialsFastPath"]
 
 _PATH = re.compile(r"/groups/([^/]+)/integrations/([^/]+)/credentials")
-_GROUP_ID = re.compile(GROUP_ID_PATTERN)
-_INTEGRATION = re.compile(INTEGRATION_PATTERN)
 _HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
 
@@ -75,7 +73,7 @@ class CredentialsFastPath:
         if token is None or token.startswith(SESSION_PREFIX) or not self.tokens.matches(token):
             return None
         group_id, name = match.groups()
-        if not (_GROUP_ID.fullmatch(group_id) and _INTEGRATION.fullmatch(name)):
+        if not (GROUP_ID.fullmatch(group_id) and INTEGRATION.fullmatch(name)):
             return None
         if name not in self.broker.registry:
             return None
@@ -90,10 +88,9 @@ class CredentialsFastPath:
 
 
 def _bearer(scope: Scope) -> str | None:
-    """The bearer token, as ``auth.bearer_token`` reads it (the first Authorization)."""
+    """The bearer token of the first Authorization header (as ``auth.bearer_token`` reads
+    it, without building a ``Headers``)."""
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
+            return bearer_of(value.decode("latin-1"))
     return None

@@ -42,6 +42,26 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _redeem(field: str, summary: str, errors: dict[str, Any]) -> dict[str, Any]:
+    """A POST a broker page makes from its own origin with one string ``field``, answered
+    with ``{"location"}`` (where the page goes next)."""
+    return {
+        "summary": summary,
+        "security": [],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {
+                "type": "object", "required": [field],
+                "properties": {field: {"type": "string"}},
+            }}},
+        },
+        "responses": {
+            "200": _json({"type": "object", "properties": {"location": {"type": "string"}}}),
+            **errors,
+        },
+    }
+
+
 def openapi(public_url: str) -> dict[str, Any]:
     service: list[dict[str, list[str]]] = [{"serviceToken": []}]
     either: list[dict[str, list[str]]] = [{"serviceToken": []}, {"connectSession": []}]
@@ -290,28 +310,10 @@ def openapi(public_url: str) -> dict[str, Any]:
                     "security": [],
                     "responses": {"200": PAGE},
                 },
-                "post": {
-                    "summary": "Redeem a ticket from the broker's own page: the provider URL",
-                    "security": [],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["ticket"],
-                                    "properties": {"ticket": {"type": "string"}},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _json(
-                            {"type": "object", "properties": {"location": {"type": "string"}}}
-                        ),
-                        **_errors(400, 401, 403, 413, 422, 500),
-                    },
-                },
+                "post": _redeem(
+                    "ticket", "Redeem a ticket from the broker's own page: the provider URL",
+                    _errors(400, 401, 403, 413, 422, 500),
+                ),
             },
             "/admin": {
                 "get": {
@@ -326,28 +328,10 @@ def openapi(public_url: str) -> dict[str, Any]:
                     "security": [],
                     "responses": {"200": PAGE},
                 },
-                "post": {
-                    "summary": "Redeem a one-time operator link from the broker's own page",
-                    "security": [],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["token"],
-                                    "properties": {"token": {"type": "string"}},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _json(
-                            {"type": "object", "properties": {"location": {"type": "string"}}}
-                        ),
-                        **_errors(400, 403, 413, 422, 500),
-                    },
-                },
+                "post": _redeem(
+                    "token", "Redeem a one-time operator link from the broker's own page",
+                    _errors(400, 403, 413, 422, 500),
+                ),
             },
             "/groups/{group_id}/integrations/{name}/credentials": {
                 "get": {

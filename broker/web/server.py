@@ -83,7 +83,14 @@ class _Deadlines:
     app: Any
     connections: set[Any]
 
-    def _setup_deadlines(self) -> None:
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)  # type: ignore[call-arg]
         self._deadline: asyncio.TimerHandle | None = None
         self._phase: Phase | None = None
         if self.max_connections is not None:
@@ -115,16 +122,6 @@ class _Deadlines:
 class DeadlineH11Protocol(_Deadlines, H11Protocol):
     """uvicorn's h11 protocol with the read deadlines and the cap (h11 says what the
     client owes: its head, its body, or nothing)."""
-
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._setup_deadlines()
 
     # asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -175,7 +172,6 @@ if HttpToolsProtocol is not None:
             _loop: asyncio.AbstractEventLoop | None = None,
         ) -> None:
             super().__init__(config, server_state, app_state, _loop)
-            self._setup_deadlines()
             self._in_message = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
