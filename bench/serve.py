@@ -111,6 +111,9 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--stack", choices=sorted(STACKS), default="fast")
     parser.add_argument("--prime", action="store_true",
                         help="one token request through the broker's client before READY")
+    parser.add_argument("--expire-cached", metavar="GROUP",
+                        help="read GROUP's OAuth2 connection into the cache while fresh, then "
+                        "move the broker's clock an hour on: a cached token that runs out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message="The httpx module is deprecated")
@@ -133,6 +136,10 @@ async def main(argv: list[str]) -> None:
             from .burst import prime
 
             await prime(broker)
+        if args.expire_cached:
+            from .burst import expire_cached
+
+            await expire_cached(broker, args.expire_cached)
         if not args.warm:
             return {}
         await broker.credentials(group_of(0), name)

@@ -36,7 +36,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -46,7 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..auth import kind
-from ..errors import HTTPError, InvalidInput, NotFound, ServiceUnavailable
+from ..errors import HTTPError, InvalidInput, ServiceUnavailable
 from ..events import list_events
 from ..integrations import Group, Integration, fill_group
 from ..logs import fields
@@ -59,6 +59,13 @@ from .auth import ServiceTokenMiddleware, TokenSet, principal, require_service
 from .bodies import read_json_object, replay
 from .connect import connect_page, create_connect_session, current_session
 from .context import NO_STORE, broker_of, group_id_of, integration_of, targets
+from .errors import (
+    DATABASE_ERRORS,
+    broker_error,
+    database_error,
+    internal_error,
+    starlette_error,
+)
 from .fastpath import CredentialsFastPath
 from .metrics import metrics
 from .openapi import openapi
@@ -248,38 +255,20 @@ async def events(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPError)
-    if exc.status_code >= 500:
-        log.error("%s %s: %s", request.method, request.url.path, exc.message)
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=NO_STORE)
+    return broker_error(exc, request.method, request.url.path)
 
 
 async def _starlette_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: NotFound.code, 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = {404: "No such route.", 405: "Method not allowed."}.get(
-        exc.status_code, str(exc.detail)
-    )
-    return JSONResponse(
-        {"error": {"code": code, "message": message}},
-        status_code=exc.status_code,
-        headers={**NO_STORE, **(exc.headers or {})},
-    )
+    return starlette_error(exc)
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:
-    log.error("database error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-    return await _http_error(
-        request, ServiceUnavailable("The credential store is unavailable. Try again shortly.")
-    )
+    return database_error(exc, request.method, request.url.path)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(
-        {"error": {"code": "internal_error", "message": "Internal error."}},
-        status_code=500,
-        headers=NO_STORE,
-    )
+    return internal_error(request.method, request.url.path)
 
 
 def create_app(
@@ -378,11 +367,7 @@ def create_app(
         exception_handlers={
             HTTPError: _http_error,
             HTTPException: _starlette_error,
-            OperationalError: _database_error,
-            DBAPIError: _database_error,
-            # The driver's own connect errors (refused, timed out, unknown host) are not
-            # wrapped as DBAPIError: the database is as unavailable.
-            OSError: _database_error,
+            **dict.fromkeys(DATABASE_ERRORS, _database_error),
             Exception: _internal_error,
         },
         lifespan=lifespan,
