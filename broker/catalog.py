@@ -501,7 +501,7 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses aliases (``*name``).
+    """``yaml.SafeLoader`` that refuses aliases (``*name``), for where libyaml is missing.
 
     A few lines of nested aliases expand to billions of nodes (the "billion laughs": 477
     bytes took 14.5 s and 313 MiB before the first check ran). Neither config.yaml nor a
@@ -513,22 +513,38 @@ class _NoAliasLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             # (types-PyYAML leaves peek_event unannotated)
             event: yaml.AliasEvent = self.peek_event()  # type: ignore[no-untyped-call]
-            mark = event.start_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise yaml.composer.ComposerError(
-                problem=f"{where}found the alias *{event.anchor}: YAML aliases are not "
-                "allowed in broker's YAML files (write the value out in full)"
-            )
+            raise _alias_refused(event)
         return super().compose_node(parent, index)
+
+
+def _alias_refused(event: yaml.AliasEvent) -> yaml.composer.ComposerError:
+    mark = event.start_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return yaml.composer.ComposerError(
+        problem=f"{where}found the alias *{event.anchor}: YAML aliases are not "
+        "allowed in broker's YAML files (write the value out in full)"
+    )
+
+
+_CLoader: type[Any] | None = getattr(yaml, "CSafeLoader", None)
+"""libyaml's safe loader (PyYAML's wheels ship it): about 13 times faster than the pure
+Python one on the catalog's files (416 ms against 32 ms for 151 files, bench 9)."""
 
 
 def load_yaml_file(path: Path) -> Any:
     """The YAML document in ``path`` (config.yaml or a provider file).
 
-    Raises ``yaml.YAMLError`` for malformed YAML and for any alias (see ``_NoAliasLoader``).
+    Raises ``yaml.YAMLError`` for malformed YAML and for any alias. With libyaml, its
+    parser's events are looked through for an alias first (nothing is built from them),
+    then the document is loaded; without it, ``_NoAliasLoader`` refuses one as it meets it.
     """
-    with path.open(encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    text = path.read_text(encoding="utf-8")
+    if _CLoader is None:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    for event in yaml.parse(text, Loader=_CLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise _alias_refused(event)
+    return yaml.load(text, Loader=_CLoader)  # noqa: S506 - libyaml's SafeLoader
 
 
 def parse_provider(data: Mapping[str, Any]) -> ProviderBase:

@@ -148,8 +148,21 @@ def test_a_billion_laughs_config_yaml_is_refused_at_once_naming_the_alias(
     assert list(tmp_path.iterdir()) == [path]  # nothing created
 
 
+@pytest.fixture(params=["libyaml", "pure Python"])
+def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ``catalog.load_yaml_file`` reads YAML: libyaml (its events looked through
+    for aliases first) and, where libyaml is missing, the pure-Python ``_NoAliasLoader``."""
+    from broker import catalog
+
+    if request.param == "pure Python":
+        monkeypatch.setattr(catalog, "_CLoader", None)
+    else:
+        assert catalog._CLoader is not None, "PyYAML's wheel ships libyaml"
+    return str(request.param)
+
+
 def test_an_alias_in_a_provider_catalog_file_is_refused_naming_that_file(
-    tmp_path: Path,
+    tmp_path: Path, yaml_loader: str,
 ) -> None:
     catalog = tmp_path / "catalog"
     catalog.mkdir()
@@ -170,7 +183,21 @@ def test_an_alias_in_a_provider_catalog_file_is_refused_naming_that_file(
     ]
 
 
-def test_anchors_without_aliases_still_load(tmp_path: Path) -> None:
+def test_both_loaders_read_every_catalog_file_alike() -> None:
+    from broker import catalog
+
+    files = sorted(catalog.builtin_catalog_dir().glob("*.yaml"))
+    assert len(files) >= 150
+    with_libyaml = [catalog.load_yaml_file(f) for f in files]
+    saved, catalog._CLoader = catalog._CLoader, None
+    try:
+        pure = [catalog.load_yaml_file(f) for f in files]
+    finally:
+        catalog._CLoader = saved
+    assert with_libyaml == pure
+
+
+def test_anchors_without_aliases_still_load(tmp_path: Path, yaml_loader: str) -> None:
     # Only aliases are refused: an anchor alone expands nothing.
     path = write(tmp_path / "config.yaml", "log_level: &level warning\n")
     assert load_settings(path, env={}).log_level == "warning"
