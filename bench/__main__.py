@@ -32,6 +32,7 @@ BENCHMARKS = {
     "retention": "bench.retention",
     "proxy": "bench.proxy",
     "workers": "bench.workers",
+    "startup": "bench.startup",
 }
 
 

@@ -403,7 +403,8 @@ class TokenServer(Child):
 
 
 def run_child_json(module: str, *args: str, cpu: int | None = None,
-                   timeout: float = 600, via_shell: bool = False) -> dict[str, Any]:
+                   timeout: float = 600, via_shell: bool = False,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m module args`` to completion; its last ``RESULT <json>`` line.
 
     ``via_shell``: started by ``/bin/sh``, which forks it, so that its ``ru_maxrss`` is its
@@ -415,7 +416,7 @@ def run_child_json(module: str, *args: str, cpu: int | None = None,
         command = ["/bin/sh", "-c", '"$@"; status=$?; exit $status', "sh", *command]
     proc = subprocess.Popen(  # noqa: S603 (our own command line)
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True, env=env or {**os.environ, "PYTHONPATH": str(ROOT)},
     )
     pin(proc.pid, cpu)
     out, err = proc.communicate(timeout=timeout)

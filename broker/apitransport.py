@@ -13,15 +13,21 @@ What is sent is what httpx built, byte for byte: the URL is handed over as alrea
 encoded (aiohttp would otherwise re-quote it), aiohttp adds no headers of its own, follows
 no redirect and decompresses nothing (httpx decodes for ``ctx.client``; the proxy passes
 the raw bytes on). aiohttp's errors become httpx's, so callers see one family.
+
+aiohttp is imported when the first request goes out, not with this module: it is about
+a tenth of a second of every process's start (bench 9), and a broker that never proxies
+never needs it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import aiohttp
 import httpx
-from yarl import URL
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["AiohttpTransport"]
 
@@ -33,6 +39,8 @@ class _Body(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        import aiohttp
+
         try:
             async for chunk in self._response.content.iter_chunked(READ_CHUNK):
                 yield chunk
@@ -46,6 +54,8 @@ class _Body(httpx.AsyncByteStream):
 def _translate(exc: BaseException) -> httpx.HTTPError:
     """aiohttp's error as the httpx error that means the same. The message is the error's
     class only: some of aiohttp's carry the URL, and a URL can carry an API key."""
+    import aiohttp
+
     what = type(exc).__name__
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return httpx.ReadTimeout(what)
@@ -70,6 +80,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
@@ -82,6 +94,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        import aiohttp
+        from yarl import URL
+
         timeout = request.extensions.get("timeout", {})
         data: bytes | AsyncIterator[bytes] | None
         if isinstance(request.stream, httpx.ByteStream):
