@@ -22,6 +22,7 @@ never needs it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from ssl import SSLContext
 from typing import TYPE_CHECKING
 
 import httpx
@@ -74,9 +75,17 @@ async def _stream(body: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An ``httpx`` transport over one aiohttp session (see the module docstring)."""
 
-    def __init__(self, *, max_connections: int, keepalive_seconds: float = 15.0) -> None:
+    def __init__(
+        self, *, max_connections: int, keepalive_seconds: float = 15.0,
+        ssl: SSLContext | None = None, trust_env: bool = False,
+    ) -> None:
+        """``max_connections`` 0: no limit. ``ssl``: the TLS context (default: aiohttp's).
+        ``trust_env``: proxies from the environment (``HTTP(S)_PROXY``, ``NO_PROXY``) and
+        ``~/.netrc``, as httpx's ``trust_env`` does."""
         self._max_connections = max_connections
         self._keepalive = keepalive_seconds
+        self._ssl = ssl
+        self._trust_env = trust_env
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -85,11 +94,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self._max_connections, keepalive_timeout=self._keepalive
+                    limit=self._max_connections, keepalive_timeout=self._keepalive,
+                    ssl=self._ssl if self._ssl is not None else True,
                 ),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 auto_decompress=False,
-                trust_env=False,
+                trust_env=self._trust_env,
             )
         return self._session
 

@@ -43,6 +43,8 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -80,10 +82,15 @@ from .writes import RefreshWriter
 if TYPE_CHECKING:
     from .runtime import Broker
 
-__all__ = ["Credentials", "expiry"]
+__all__ = ["ANSWERED", "Credentials", "expiry"]
 
 log = logging.getLogger("broker.credentials")
 POLL_SECONDS = 0.05
+
+ANSWERED: ContextVar[Callable[[], None] | None] = ContextVar("broker_answered", default=None)
+"""Called once a refresh's token request is over (answered, refused or failed), before its
+answer is stored: the sweep's slot for token requests is free for the next refresh while
+this one writes (``scheduler.sweep``). Unset everywhere else."""
 
 
 def expiry(token: dict[str, Any]) -> datetime | None:
@@ -469,7 +476,12 @@ class Credentials:
         clock = time.perf_counter()
         metrics = broker.metrics
         try:
-            response = await self._token_request(integration, old)
+            try:
+                response = await self._token_request(integration, old)
+            finally:
+                answered = ANSWERED.get()
+                if answered is not None:
+                    answered()
         except TokenEndpointError as exc:
             metrics.refresh_seconds.labels(key).observe(time.perf_counter() - clock)
             metrics.refreshes.labels(key, str(exc.outcome)).inc()

@@ -28,6 +28,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.exc import DBAPIError
 
 from .admin import prune_admin_grants
+from .credentials import ANSWERED
 from .errors import BrokerError
 from .lapses import LapseWatch
 from .logs import fields
@@ -69,10 +70,12 @@ async def sweep(
     (at most ``max_rows`` of them, by default 400 x ``max_concurrency``, so one sweep
     ends; ``stop`` set: no more).
 
-    A pipeline, not batches: a refresh starts as soon as another finishes. Rows are leased
-    a little ahead (up to ``max_concurrency`` waiting, claimed together with their data),
-    so a refresh needs no read of its own and a lease is renewed only when its row waited
-    too long for its turn (``refresh.lease_covers``).
+    A pipeline, not batches: a refresh starts as soon as another's token request is over
+    (``max_concurrency`` bounds the token requests in flight; a refresh whose provider has
+    answered stores its answer while the next one asks: ``credentials.ANSWERED``). Rows are
+    leased a little ahead (up to ``max_concurrency`` waiting, claimed together with their
+    data), so a refresh needs no read of its own and a lease is renewed only when its row
+    waited too long for its turn (``refresh.lease_covers``).
     """
     result = SweepResult()
     limit = broker.settings.refresh.max_concurrency
@@ -159,13 +162,35 @@ async def sweep(
                 return None
         return None
 
+    slots = asyncio.Semaphore(limit)
+
     async def worker() -> None:
         # Stopping: no new refresh starts; the one in hand finishes and stores its answer.
-        while (row := await next_row()) is not None:
-            await one(row)
+        while True:
+            await slots.acquire()
+            freed = False
+
+            def answered() -> None:
+                nonlocal freed
+                if not freed:
+                    freed = True
+                    slots.release()
+
+            try:
+                row = await next_row()
+                if row is None:
+                    return
+                token = ANSWERED.set(answered)
+                try:
+                    await one(row)
+                finally:
+                    ANSWERED.reset(token)
+            finally:
+                answered()
 
     try:
-        await asyncio.gather(*(worker() for _ in range(limit)))
+        # Twice as many workers as slots: while one stores, another asks the provider.
+        await asyncio.gather(*(worker() for _ in range(2 * limit)))
     finally:
         if waiting:  # stopping (or cancelled): give back the leases of rows never started
             await _give_back(broker, waiting)

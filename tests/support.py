@@ -43,10 +43,14 @@ async def serve(app: ASGIApp, sock: socket.socket | None = None) -> AsyncIterato
     """Run ``app`` under uvicorn in this event loop; yield its URL.
 
     Same loop as the test, so the broker's database pool (asyncpg is loop-bound) is shared.
+    Idle connections are kept 30 s, longer than httpx keeps them (5 s): with both at 5 s, a
+    test's client could send on a connection the server was closing that moment (a
+    ``ReadError`` seen once under load).
     """
     sock = sock or loopback_socket()
     config = uvicorn.Config(
-        app, lifespan="off", log_config=None, log_level="warning", timeout_graceful_shutdown=5
+        app, lifespan="off", log_config=None, log_level="warning", timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
