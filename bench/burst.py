@@ -100,13 +100,13 @@ async def asyncio_floor(url: str) -> dict[str, Any]:
 
 
 async def prime(broker: Any) -> None:
-    """One token request through the broker's own client first, as a running broker has
-    made before: the one-time cost of a process's first request (building the TLS context,
-    lazy imports) is not part of a burst."""
+    """One token request through the broker's own client and connection pool first, as a
+    running broker has made before: the one-time cost of a process's first request
+    (importing aiohttp, building the TLS context and the pool) is not part of a burst."""
     from broker.oauth import client
 
     await client.refresh(broker.registry.get(OAUTH).provider, refresh_token="prime",
-                         settings={})
+                         settings={}, transport=broker.token_transport)
 
 
 async def expire_cached(broker: Any, group: str) -> None:

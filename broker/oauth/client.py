@@ -14,22 +14,20 @@ import ssl
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import httpx
-from authlib.integrations.base_client.errors import OAuthError
-
-with warnings.catch_warnings():
-    # Authlib 1.9 announces a preference for the httpx2 fork; broker is built on httpx.
-    warnings.filterwarnings("ignore", message="The httpx module is deprecated")
-    from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from ..apitransport import AiohttpTransport
 from ..catalog import OAuth2ClientCredentialsProvider, OAuth2Provider
 from ..errors import InvalidInput, TokenEndpointError
 from .decisions import Outcome, classify, safe_error_code
 from .tokens import lifetime_seconds
+
+if TYPE_CHECKING:
+    from authlib.integrations.base_client.errors import OAuthError
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 __all__ = [
     "Borrowed", "client_credentials", "exchange_code", "refresh", "retry_after", "revoke",
@@ -122,6 +120,19 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+@functools.cache
+def _authlib() -> tuple[type[AsyncOAuth2Client], type[OAuthError]]:
+    """Authlib's httpx client and its error class, imported at the first token request:
+    with the OpenID and JOSE modules they bring, about 70 ms of every start (bench 9)."""
+    with warnings.catch_warnings():
+        # Authlib 1.9 announces a preference for the httpx2 fork; broker is built on httpx.
+        warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+        from authlib.integrations.httpx_client import AsyncOAuth2Client
+    from authlib.integrations.base_client.errors import OAuthError
+
+    return AsyncOAuth2Client, OAuthError
+
+
 def _url(spec: Spec, template: str, settings: Mapping[str, str]) -> str:
     """A token URL rendered over the connection's settings and checked against the
     provider's ``allowed_hosts`` (see ``urltemplates``). A URL the configuration now
@@ -207,7 +218,8 @@ async def _request(
         Borrowed(transport) if transport is not None
         else httpx.AsyncHTTPTransport(verify=_tls_context())
     )
-    client = AsyncOAuth2Client(
+    oauth_client, oauth_error = _authlib()
+    client = oauth_client(
         client_id=client_id,
         client_secret=client_secret,
         token_endpoint_auth_method=spec.token_endpoint_auth_method,
@@ -224,7 +236,7 @@ async def _request(
     try:
         async with client:
             return dict(await call(client))
-    except OAuthError as exc:
+    except oauth_error as exc:
         code = safe_error_code(exc.error)
         status = last.get("status")
         raise TokenEndpointError(
@@ -338,7 +350,7 @@ async def revoke(
         Borrowed(transport) if transport is not None
         else httpx.AsyncHTTPTransport(verify=_tls_context())
     )
-    client = AsyncOAuth2Client(
+    client = _authlib()[0](
         client_id=spec.client_id.get_secret_value(),
         client_secret=spec.client_secret.get_secret_value() if spec.client_secret else None,
         token_endpoint_auth_method=spec.token_endpoint_auth_method,
