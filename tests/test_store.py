@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -264,6 +266,43 @@ async def test_migrate_false_refuses_an_unmigrated_database(
         assert not await fresh.has_tables()
     finally:
         await fresh.dispose()
+
+
+def test_head_is_alembics_head() -> None:
+    """``database.HEAD`` (what a start compares the database with, without Alembic) is
+    the newest migration: a new migration must move it."""
+    from broker.store.database import HEAD
+
+    assert ScriptDirectory.from_config(_alembic_config()).get_heads() == [HEAD]
+
+
+async def test_a_database_at_head_is_checked_without_importing_alembic(
+    store_url: str, make_settings: Callable[..., Settings], tmp_path: Path,
+) -> None:
+    """A start on a migrated database reads the recorded revision and goes on; a fresh
+    process shows that Alembic was never imported (it is ~150 ms of every start)."""
+    settings = make_settings(database_url=store_url)
+    await (await Broker.open(settings)).close()  # migrated
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from broker.config import load_settings\n"
+        "from broker.runtime import Broker\n"
+        "async def main():\n"
+        "    b = await Broker.open(load_settings(Path(sys.argv[1]), env={}))\n"
+        "    assert await b.database.pending_migrations() == []\n"
+        "    await b.close()\n"
+        "asyncio.run(main())\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    assert settings.source is not None
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(settings.source), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(run.communicate(), timeout=120)
+    assert run.returncode == 0, err.decode()[-3000:]
+    assert out.decode().strip() == "False"
 
 
 def _all_revisions() -> list[str]:
