@@ -3,7 +3,8 @@
 No timing is asserted here (the machines CI runs on are shared and noisy): only that each
 benchmark completes, that every due connection is refreshed exactly once, and that a burst
 of 1,000 callers for one expired connection makes exactly one token request, and that
-pruning keeps the events table at what retention should leave, and that the proxy route
+pruning keeps the events table at what retention should leave (and that each sweep round
+beside it refreshes exactly the connections due), and that the proxy route
 answers what the API answers and moves large bodies in full.
 """
 
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = {"hotpath", "http", "refresh", "scale", "burst", "retention", "proxy", "workers"}
+BENCHMARKS = {
+    "hotpath", "http", "refresh", "scale", "burst", "retention", "proxy", "workers", "startup",
+}
 
 
 def result(out: Path, name: str) -> dict[str, Any]:
@@ -93,6 +96,21 @@ def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None
         assert found["bounded"] and steady["final_rows"] >= steady["bound"] * 0.95, steady
         assert steady["final_rows"] < steady["unpruned"] / 5, steady
         assert steady["budget_hit"] == 0 and steady["max_batches"] <= steady["budget"], steady
+        # What a year leaves against an empty events table: every sweep round refreshed
+        # exactly the connections due, once each; the retained store's sweeps pruned what
+        # was aged for them, the empty store's nothing.
+        against = found["against_empty"]
+        due = against["due"]
+        assert against["events"][0] > 50 * due and against["events"][1] == 0, against["events"]
+        assert against["claimed"] == [40], store
+        for side, counts in against["rounds"].items():
+            rounds = len(counts["refreshed"])
+            assert rounds >= 1, (store, side)
+            for key in ("claimed", "refreshed", "token_requests", "rows_refreshed"):
+                assert counts[key] == [due] * rounds, (store, side, key, counts[key])
+            assert counts["failed"] == [0] * rounds, (store, side, counts["failed"])
+        assert against["rounds"]["retained"]["pruned"] == against["rounds"]["retained"]["aged"]
+        assert set(against["rounds"]["empty"]["pruned"]) == {0}, store
 
     # 7. Through the proxy: the API's own answer (and not its key), no failed request, and
     # every byte of the large download and upload moved, the upload read in full upstream.
@@ -106,3 +124,11 @@ def test_quick_benchmarks_complete_and_their_counts_hold(tmp_path: Path) -> None
         for way in ("direct", "proxy"):
             assert row["download"][way]["bytes"] == size
             assert row["upload"][way]["upstream_read"] == size
+
+    # 9. Start-up: every catalog provider enabled in the served broker, and every generated
+    # file enabled and loaded (the 200 of --quick, plus benchmark 1's own provider).
+    startup = result(tmp_path, "startup")
+    assert startup["start_up"]["providers_enabled"] >= 150
+    assert startup["start_up"]["phases"]["providers"] == startup["start_up"]["providers_enabled"]
+    catalog = startup["catalog"]
+    assert catalog["files"] == 200 and catalog["enabled"] == catalog["files"] + 1, catalog
