@@ -98,8 +98,10 @@ class TokenPool(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._pool is None:
+            # Idle connections kept 4 s: less than the 5 s many servers (uvicorn, Node)
+            # keep theirs, so a request is not sent on one the server is closing.
             self._pool = AiohttpTransport(
-                max_connections=0, keepalive_seconds=5.0, ssl=_tls_context(), trust_env=True
+                max_connections=0, keepalive_seconds=4.0, ssl=_tls_context(), trust_env=True
             )
         return await self._pool.handle_async_request(request)
 
