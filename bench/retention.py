@@ -134,41 +134,60 @@ DELIVERIES = (
 )
 
 
-def fill_events_sqlite(path: Path, connections: int, days: int) -> tuple[int, float]:
+EVENT_COLUMNS = ["group_id", "integration", "kind", "detail", "created_at"]
+
+
+def events_into_sqlite(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...]],
+                       now: datetime, later: datetime | None) -> tuple[int, float]:
+    """``rows`` (``columns``, the last one ``created_at``) into ``path``'s events, then the
+    webhook deliveries (``DELIVERIES``; pending ones due at ``later``, else at their event's
+    time). Returns the events' count and the seconds it took."""
     con = sqlite3.connect(path)
     con.execute("PRAGMA synchronous=OFF")
     started = time.perf_counter()
-    now = datetime.now(UTC)
     with con:
         con.executemany(
-            "INSERT INTO events (group_id, integration, kind, detail, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            ((g, i, k, d, stamp(at)) for g, i, k, d, at in event_rows(connections, days, now)),
+            f"INSERT INTO events ({', '.join(columns)}) "  # noqa: S608 (our column names)
+            f"VALUES ({', '.join('?' for _ in columns)})",
+            ((*row[:-1], stamp(row[-1])) for row in rows),
         )
-        day_ago = stamp(now - timedelta(days=1))
-        con.execute(DELIVERIES.format(day_ago=":day_ago", next_attempt="created_at"),
-                    {"day_ago": day_ago})
+        con.execute(
+            DELIVERIES.format(day_ago=":day_ago",
+                              next_attempt=":later" if later else "created_at"),
+            {"day_ago": stamp(now - timedelta(days=1)),
+             "later": stamp(later) if later else None},
+        )
     con.execute("ANALYZE")
     count = int(con.execute("SELECT count(*) FROM events").fetchone()[0])
     con.close()
     return count, time.perf_counter() - started
 
 
-async def fill_events_postgres(url: str, connections: int, days: int) -> tuple[int, float]:
+async def events_into_postgres(url: str, columns: list[str], rows: Iterator[tuple[Any, ...]],
+                              now: datetime, later: datetime | None) -> tuple[int, float]:
+    """``events_into_sqlite`` on PostgreSQL (``COPY``). Rows that carry their ``id`` move the
+    sequence on after them, as after a year of inserts."""
     import asyncpg
     from sqlalchemy.engine import make_url
 
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(dsn)
     started = time.perf_counter()
-    now = datetime.now(UTC)
     try:
-        await conn.copy_records_to_table(
-            "events", records=event_rows(connections, days, now),
-            columns=["group_id", "integration", "kind", "detail", "created_at"],
-        )
-        await conn.execute(DELIVERIES.format(day_ago="$1", next_attempt="created_at"),
-                           now - timedelta(days=1))
+        await conn.copy_records_to_table("events", records=rows, columns=columns)
+        if "id" in columns:
+            await conn.execute(
+                "SELECT setval(pg_get_serial_sequence('events', 'id'), "
+                "(SELECT max(id) FROM events))"
+            )
+        if later is None:
+            await conn.execute(DELIVERIES.format(day_ago="$1", next_attempt="created_at"),
+                               now - timedelta(days=1))
+        else:
+            await conn.execute(
+                DELIVERIES.format(day_ago="$1", next_attempt="$2::timestamptz"),
+                now - timedelta(days=1), later,
+            )
         await conn.execute("ANALYZE")
         count = int(await conn.fetchval("SELECT count(*) FROM events"))
     finally:
@@ -180,11 +199,13 @@ def build_store(opts: Options, server: TokenServer, directory: Path, url: str, s
                 db_file: Path | None, events: tuple[int, int]) -> dict[str, Any]:
     """Benchmark 4's store of ``size`` connections, plus ``events`` (connections, days)."""
     entry = build(opts, server, directory, url, size, db_file)
+    now = datetime.now(UTC)
+    rows = event_rows(*events, now)
     if db_file is not None:
-        count, seconds = fill_events_sqlite(db_file, *events)
+        count, seconds = events_into_sqlite(db_file, EVENT_COLUMNS, rows, now, None)
         entry["store_mb"] = db_file.stat().st_size / 2**20
     else:
-        count, seconds = asyncio.run(fill_events_postgres(url, *events))
+        count, seconds = asyncio.run(events_into_postgres(url, EVENT_COLUMNS, rows, now, None))
     entry.update(events=count, events_fill_seconds=seconds)
     return entry
 
@@ -231,61 +252,6 @@ def due_groups(size: int, due: int) -> list[str]:
     return [group_of(i * step + step // 2) for i in range(due)]
 
 
-def fill_retained_sqlite(path: Path, connections: int,
-                         keep: tuple[int, int]) -> tuple[int, float]:
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA synchronous=OFF")
-    started = time.perf_counter()
-    now = datetime.now(UTC)
-    with con:
-        con.executemany(
-            "INSERT INTO events (id, group_id, integration, kind, detail, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            ((n, g, i, k, d, stamp(at)) for n, g, i, k, d, at in retained_rows(
-                connections, now, keep_refreshed_days=keep[0], keep_days=keep[1]
-            )),
-        )
-        con.execute(
-            DELIVERIES.format(day_ago=":day_ago", next_attempt=":later"),
-            {"day_ago": stamp(now - timedelta(days=1)), "later": stamp(now + timedelta(days=1))},
-        )
-    con.execute("ANALYZE")
-    count = int(con.execute("SELECT count(*) FROM events").fetchone()[0])
-    con.close()
-    return count, time.perf_counter() - started
-
-
-async def fill_retained_postgres(url: str, connections: int,
-                                 keep: tuple[int, int]) -> tuple[int, float]:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn)
-    started = time.perf_counter()
-    now = datetime.now(UTC)
-    try:
-        await conn.copy_records_to_table(
-            "events", records=retained_rows(
-                connections, now, keep_refreshed_days=keep[0], keep_days=keep[1]
-            ),
-            columns=["id", "group_id", "integration", "kind", "detail", "created_at"],
-        )
-        # The ids were given: the sequence goes on after them, as after a year of inserts.
-        await conn.execute(
-            "SELECT setval(pg_get_serial_sequence('events', 'id'), (SELECT max(id) FROM events))"
-        )
-        await conn.execute(
-            DELIVERIES.format(day_ago="$1", next_attempt="$2::timestamptz"),
-            now - timedelta(days=1), now + timedelta(days=1),
-        )
-        await conn.execute("ANALYZE")
-        count = int(await conn.fetchval("SELECT count(*) FROM events"))
-    finally:
-        await conn.close()
-    return count, time.perf_counter() - started
-
-
 def build_sweep_store(opts: Options, server: TokenServer, directory: Path, url: str,
                       db_file: Path | None, size: int, due: int,
                       events: int) -> dict[str, Any]:
@@ -306,10 +272,13 @@ def build_sweep_store(opts: Options, server: TokenServer, directory: Path, url: 
     if events:
         defaults = EventsSettings()
         keep = (defaults.refreshed_retention_days, defaults.retention_days)
+        now = datetime.now(UTC)
+        rows = retained_rows(events, now, keep_refreshed_days=keep[0], keep_days=keep[1])
+        columns, later = ["id", *EVENT_COLUMNS], now + timedelta(days=1)
         if db_file is not None:
-            count, seconds = fill_retained_sqlite(db_file, events, keep)
+            count, seconds = events_into_sqlite(db_file, columns, rows, now, later)
         else:
-            count, seconds = asyncio.run(fill_retained_postgres(url, events, keep))
+            count, seconds = asyncio.run(events_into_postgres(url, columns, rows, now, later))
         entry.update(events=count, events_fill_seconds=seconds, retention_days=keep)
     if db_file is not None:
         entry["store_mb"] = db_file.stat().st_size / 2**20

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
@@ -62,9 +63,12 @@ class Endpoint:
         })
 
 
-async def test_token_requests_are_bounded_and_a_slot_is_free_while_its_answer_is_stored(
+@asynccontextmanager
+async def due_connections(
     store_url: str, make_settings: Callable[..., Settings],
-) -> None:
+) -> AsyncIterator[tuple[Broker, Endpoint]]:
+    """A broker with ``SLOTS`` slots and ``DUE`` OAuth2 connections due now, whose
+    provider's token endpoint is an ``Endpoint`` served on loopback."""
     endpoint = Endpoint()
     app = Starlette(routes=[Route("/token", endpoint.token, methods=["POST"])])
     async with serve(app) as url:
@@ -91,21 +95,28 @@ async def test_token_requests_are_bounded_and_a_slot_is_free_while_its_answer_is
                         expires_at=now + timedelta(minutes=30),
                         next_refresh_at=now - timedelta(seconds=5),
                     )
-            real = broker.tokens.writer.store
-
-            async def slow_store(item: Any) -> bool:
-                endpoint.storing += 1
-                endpoint.busy()
-                try:
-                    await asyncio.sleep(STORE_TAKES)
-                    return await real(item)
-                finally:
-                    endpoint.storing -= 1
-
-            broker.tokens.writer.store = slow_store  # type: ignore[method-assign]
-            result = await sweep(broker)
+            yield broker, endpoint
         finally:
             await broker.close()
+
+
+async def test_token_requests_are_bounded_and_a_slot_is_free_while_its_answer_is_stored(
+    store_url: str, make_settings: Callable[..., Settings],
+) -> None:
+    async with due_connections(store_url, make_settings) as (broker, endpoint):
+        real = broker.tokens.writer.store
+
+        async def slow_store(item: Any) -> bool:
+            endpoint.storing += 1
+            endpoint.busy()
+            try:
+                await asyncio.sleep(STORE_TAKES)
+                return await real(item)
+            finally:
+                endpoint.storing -= 1
+
+        broker.tokens.writer.store = slow_store  # type: ignore[method-assign]
+        result = await sweep(broker)
 
     assert (result.claimed, result.refreshed, result.failed) == (DUE, DUE, 0)
     assert len(endpoint.started) == DUE
@@ -120,44 +131,18 @@ async def test_the_stored_rows_are_the_new_tokens(
 ) -> None:
     """Same sweep, nothing slowed: every row is at its next version, leased by nobody,
     due again later, holding a token the endpoint issued."""
-    endpoint = Endpoint()
-    app = Starlette(routes=[Route("/token", endpoint.token, methods=["POST"])])
-    async with serve(app) as url:
-        settings = make_settings(
-            database_url=store_url,
-            refresh={"max_concurrency": SLOTS},
-            providers={"acme": {
-                "display_name": "Acme", "auth_type": "oauth2",
-                "authorization_url": "http://127.0.0.1:9/authorize",
-                "token_url": f"{url}/token", "client_id": "c", "client_secret": "s",
-            }},
-        )
-        broker = await Broker.open(settings)
-        try:
-            now = datetime.now(UTC)
-            async with broker.session() as db, db.begin():
-                for i in range(DUE):
-                    await broker.repository.put(
-                        db, f"g{i}", "acme",
-                        {"access_token": f"old-{i}", "token_type": "Bearer",
-                         "refresh_token": f"rt-{i}",
-                         "expires_at": int((now + timedelta(minutes=30)).timestamp())},
-                        auth_type="oauth2", hint={},
-                        expires_at=now + timedelta(minutes=30),
-                        next_refresh_at=now - timedelta(seconds=5),
-                    )
-            result = await sweep(broker)
-            assert result.refreshed == DUE
-            async with broker.session() as db:
-                for i in range(DUE):
-                    found = await broker.repository.get(db, f"g{i}", "acme")
-                    assert found is not None
-                    assert found.info.version == 2
-                    assert not found.data["access_token"].startswith("old-")
-                rows = (await db.execute(
-                    Connection.__table__.select().where(Connection.integration == "acme")
-                )).all()
-            assert all(r.lease_owner is None for r in rows)
-            assert all(r.next_refresh_at > now for r in rows)
-        finally:
-            await broker.close()
+    async with due_connections(store_url, make_settings) as (broker, _):
+        started = datetime.now(UTC)
+        result = await sweep(broker)
+        assert result.refreshed == DUE
+        async with broker.session() as db:
+            for i in range(DUE):
+                found = await broker.repository.get(db, f"g{i}", "acme")
+                assert found is not None
+                assert found.info.version == 2
+                assert not found.data["access_token"].startswith("old-")
+            rows = (await db.execute(
+                Connection.__table__.select().where(Connection.integration == "acme")
+            )).all()
+        assert all(r.lease_owner is None for r in rows)
+        assert all(r.next_refresh_at > started for r in rows)

@@ -96,6 +96,16 @@ class _Deadlines:
         if self.max_connections is not None:
             self.app = _Capped(self.app, self.connections, self.max_connections)
 
+    # asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm("head")  # a connection that never sends a byte is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    # deadlines -------------------------------------------------------------------------
     def _arm(self, phase: Phase) -> None:
         self._disarm()
         timeout = self.header_timeout if phase == "head" else self.body_timeout
@@ -124,19 +134,11 @@ class DeadlineH11Protocol(_Deadlines, H11Protocol):
     client owes: its head, its body, or nothing)."""
 
     # asyncio.Protocol ------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm("head")  # a connection that never sends a byte is closed too
-
     def data_received(self, data: bytes) -> None:
         if self._phase is None and self.conn.their_state is h11.IDLE:
             self._arm("head")  # the first byte of the next request on a kept-alive connection
         super().data_received(data)
         self._follow()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -164,28 +166,13 @@ if HttpToolsProtocol is not None:
         deadline from the connection (or the next request's first byte) to the end of its
         headers, the body's from there to the end of the message."""
 
-        def __init__(
-            self,
-            config: Config,
-            server_state: ServerState,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            super().__init__(config, server_state, app_state, _loop)
-            self._in_message = False
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm("head")
+        _in_message = False
+        """Between a request's first byte and its end (set per connection)."""
 
         def data_received(self, data: bytes) -> None:
             if self._phase is None and not self._in_message:
                 self._arm("head")  # the next request's first byte on a kept-alive connection
             super().data_received(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             self._in_message = True
